@@ -1,0 +1,70 @@
+"""Thin adapter around the git command line.
+
+Every call names its repository explicitly (``git -C``) and may carry a private
+index file, so the user's checkout, index and branches are never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from kpatchtest.errors import GitError
+
+# Reproducible, identity-free commits for imports and synthetic trees.
+_IDENT = {
+    "GIT_AUTHOR_NAME": "kpatchtest", "GIT_AUTHOR_EMAIL": "kpatchtest@localhost",
+    "GIT_COMMITTER_NAME": "kpatchtest", "GIT_COMMITTER_EMAIL": "kpatchtest@localhost",
+}
+
+
+@dataclass(frozen=True)
+class Git:
+    """A git repository (usually the bare cache repo) plus an optional private index."""
+
+    repo: Path
+    index_file: Path | None = None
+
+    def with_index(self, index_file: Path) -> "Git":
+        return Git(self.repo, index_file)
+
+    def _env(self, extra: dict[str, str] | None) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(_IDENT)
+        env.pop("GIT_DIR", None)
+        env.pop("GIT_WORK_TREE", None)
+        env["GIT_INDEX_FILE"] = str(self.index_file) if self.index_file else env.get("GIT_INDEX_FILE", "")
+        if not self.index_file:
+            env.pop("GIT_INDEX_FILE", None)
+        env["LC_ALL"] = "C"
+        if extra:
+            env.update(extra)
+        return env
+
+    def run(self, *args: str, input: str | bytes | None = None, check: bool = True,
+            env: dict[str, str] | None = None, text: bool = True) -> subprocess.CompletedProcess:
+        cmd = ["git", "-C", str(self.repo), *args]
+        if isinstance(input, str) and not text:
+            input = input.encode()
+        p = subprocess.run(cmd, input=input, capture_output=True, text=text,
+                           env=self._env(env), errors="replace" if text else None)
+        if check and p.returncode != 0:
+            err = (p.stderr or "").strip().splitlines() if text else []
+            raise GitError(f"git {' '.join(args[:3])} failed in {self.repo}: "
+                           f"{err[-1] if err else 'exit ' + str(p.returncode)}")
+        return p
+
+    def out(self, *args: str, **kw) -> str:
+        return self.run(*args, **kw).stdout.strip()
+
+    def ok(self, *args: str, **kw) -> bool:
+        return self.run(*args, check=False, **kw).returncode == 0
+
+    def rev_parse(self, rev: str) -> str | None:
+        p = self.run("rev-parse", "--verify", "--quiet", "--end-of-options", rev + "^{commit}", check=False)
+        return p.stdout.strip() or None if p.returncode == 0 else None
+
+    def tree_of(self, rev: str) -> str:
+        return self.out("rev-parse", "--verify", "--end-of-options", rev + "^{tree}")

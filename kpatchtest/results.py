@@ -1,0 +1,154 @@
+"""The one result record every stage appends to; results.json is its serialisation.
+
+Schema history (bump SCHEMA_VERSION on any incompatible change, document it in
+docs/results-schema.md):
+  1 - series, branches[].apply (verdict, patches, prerequisites), gates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+PatchStatus = Literal["applied", "applied-3way", "already-present", "conflict", "skipped"]
+ApplyMethod = Literal["offset", "3way", "fuzz", "rename"]
+PresentBy = Literal["patch-id", "upstream-ref", "reverse-apply"]
+Verdict = Literal["clean", "three-way", "already-applied", "partial", "conflict"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Conflict(_Model):
+    """One file of a patch that did not apply: how many hunks failed and their text."""
+
+    file: str
+    hunks: int
+    rejected: list[str] = Field(default_factory=list)
+    reason: str = ""          # e.g. "file does not exist on this branch"
+
+
+class PatchResult(_Model):
+    index: int
+    subject: str
+    msgid: str | None = None
+    status: PatchStatus
+    method: ApplyMethod | None = None       # for applied-3way: how it went in
+    detail: str = ""                        # e.g. "hunk 2 at offset +14 lines"
+    conflicts: list[Conflict] = Field(default_factory=list)
+    present_as: str | None = None           # sha of the branch commit carrying it
+    present_by: PresentBy | None = None
+    depends_on: list[int] = Field(default_factory=list)  # skipped: the conflicting patches
+
+
+class Prerequisite(_Model):
+    """A commit missing from the branch that the conflicting hunks need."""
+
+    commit: str
+    subject: str
+    size: int                       # lines added + removed
+    files: list[str] = Field(default_factory=list)
+    verified: bool                  # applying it first really lets the hunks apply
+    for_patches: list[int] = Field(default_factory=list)
+    rank: int = 0                   # 0 = part of the smallest sufficient set
+
+
+class ApplyResult(_Model):
+    verdict: Verdict
+    branch_commit: str
+    base: str | None = None         # what prerequisites were searched against
+    patched_tree: str | None = None # tree id after applying what applied
+    patches: list[PatchResult]
+    prerequisites: list[Prerequisite] = Field(default_factory=list)
+    duration_s: float = 0.0
+
+
+class GateResult(_Model):
+    name: str                       # e.g. "apply"
+    branch: str | None = None
+    passed: bool
+    expected: str
+    actual: str
+
+
+class BranchResult(_Model):
+    name: str
+    commit: str | None = None
+    error: str | None = None        # the branch could not be processed (one line)
+    apply: ApplyResult | None = None
+
+
+class SeriesPatchInfo(_Model):
+    index: int
+    subject: str
+    msgid: str | None = None
+    author: str = ""
+    attestation: str = "none"
+    attestation_detail: str = ""
+
+
+class SeriesInfo(_Model):
+    title: str
+    sources: list[str]
+    version: int | None = None
+    base_commit: str | None = None
+    link: str | None = None
+    prerequisite_patch_ids: list[str] = Field(default_factory=list)
+    patches: list[SeriesPatchInfo] = Field(default_factory=list)
+
+
+class RunResult(_Model):
+    schema_version: int = SCHEMA_VERSION
+    tool_version: str
+    name: str
+    spec: str | None = None
+    started: str
+    finished: str | None = None
+    stages: list[str] = Field(default_factory=list)
+    series: SeriesInfo | None = None
+    branches: list[BranchResult] = Field(default_factory=list)
+    gates: list[GateResult] = Field(default_factory=list)
+
+    def branch(self, name: str) -> BranchResult:
+        for b in self.branches:
+            if b.name == name:
+                return b
+        b = BranchResult(name=name)
+        self.branches.append(b)
+        return b
+
+    def gates_failed(self) -> list[GateResult]:
+        return [g for g in self.gates if not g.passed]
+
+
+def save(result: RunResult, path: Path) -> None:
+    """Write atomically so a crash never leaves a half-written results.json."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results.", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        f.write(result.model_dump_json(indent=2))
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def load(path: Path) -> RunResult:
+    from kpatchtest.errors import InputError
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read results: {e}") from None
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version != SCHEMA_VERSION:
+        raise InputError(
+            f"{path}: results schema version {version!r}, this kpatchtest reads {SCHEMA_VERSION}",
+            hint="re-run with a matching kpatchtest version",
+        )
+    return RunResult.model_validate(data)

@@ -1,0 +1,283 @@
+"""The series spec: one YAML file that drives a laptop run, Jenkins and a real lab.
+
+Validation errors name file:line, the key path, what was expected and what was
+found; unknown keys are errors, because a typo must never be silently ignored.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
+from ruamel.yaml import YAML
+from ruamel.yaml.error import MarkedYAMLError
+
+from kpatchtest.errors import InputError
+from kpatchtest.sources import CommitsSource, MboxSource, MsgidSource, Source
+
+ApplyLevel = Literal["clean", "three-way", "partial", "any"]
+
+# Which apply verdicts satisfy a gate level.
+GATE_ACCEPTS: dict[str, set[str]] = {
+    "clean": {"clean", "already-applied"},
+    "three-way": {"clean", "already-applied", "three-way"},
+    "partial": {"clean", "already-applied", "three-way", "partial"},
+    "any": {"clean", "already-applied", "three-way", "partial", "conflict"},
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BranchSpec(_Strict):
+    """A branch to test: a ref of kernel.repo, or a source tarball imported as a branch."""
+
+    name: str = Field(min_length=1)
+    ref: str | None = None          # default: name
+    tarball: str | None = None      # e.g. /usr/src/linux-source-6.1.tar.xz
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "BranchSpec":
+        if self.ref and self.tarball:
+            raise ValueError("give either ref or tarball, not both")
+        return self
+
+    @property
+    def git_ref(self) -> str:
+        return self.ref or self.name
+
+
+class KernelSpec(_Strict):
+    repo: str | None = None         # URL, local path, or a source tarball
+    upstream: str | None = None     # the ref the series was written against
+    branches: list[BranchSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _repo_needed(self) -> "KernelSpec":
+        if not self.repo and any(not b.tarball for b in self.branches):
+            raise ValueError("kernel.repo is required unless every branch names a tarball")
+        return self
+
+
+class FetchSpec(_Strict):
+    midmask: str | None = None      # b4.midmask, e.g. https://lore.kernel.org/all/%s
+    attestation: Literal["off", "softfail", "hardfail"] = "softfail"
+
+    @field_validator("midmask")
+    @classmethod
+    def _has_placeholder(cls, v: str | None) -> str | None:
+        if v is not None and "%s" not in v:
+            raise ValueError("midmask must contain %s where the message-id goes")
+        return v
+
+
+class GatesSpec(_Strict):
+    """Gates turn results into exit code 1: `apply: clean`, or per branch."""
+
+    apply: ApplyLevel | dict[str, ApplyLevel] | None = None
+
+    def apply_level(self, branch: str) -> str | None:
+        if isinstance(self.apply, dict):
+            return self.apply.get(branch, self.apply.get("default"))
+        return self.apply
+
+
+_SOURCE_KEYS = ("msgid", "mbox", "commits")
+
+
+def _source_kind(v: Any) -> str | None:
+    if isinstance(v, dict):
+        return next((k for k in _SOURCE_KEYS if k in v), None)
+    if isinstance(v, BaseModel):
+        return next((k for k in _SOURCE_KEYS if k in type(v).model_fields), None)
+    return None
+
+
+SourceItem = Annotated[
+    Annotated[MsgidSource, Tag("msgid")] | Annotated[MboxSource, Tag("mbox")]
+    | Annotated[CommitsSource, Tag("commits")],
+    Discriminator(_source_kind, custom_error_type="source_kind",
+                  custom_error_message="expected a mapping with one of msgid:, mbox:, commits:"),
+]
+
+
+class Spec(_Strict):
+    name: str = Field(min_length=1)
+    series: list[SourceItem] = Field(min_length=1)
+    kernel: KernelSpec
+    fetch: FetchSpec = Field(default_factory=FetchSpec)
+    gates: GatesSpec = Field(default_factory=GatesSpec)
+    # Reserved for the build, lab and workload stages (later issues).
+    configs: Any = None
+    lab: Any = None
+    workloads: Any = None
+
+    @property
+    def sources(self) -> list[Source]:
+        return self.series  # type: ignore[return-value]
+
+
+class LoadedSpec(BaseModel):
+    """A validated spec plus where it came from."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    spec: Spec
+    path: Path
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+
+def _line_of(doc: Any, loc: tuple) -> int | None:
+    """Walk ruamel's line info along a pydantic error location."""
+    line = None
+    node = doc
+    for step in loc:
+        try:
+            if isinstance(step, int) and isinstance(node, list):
+                line = node.lc.item(step)[0] + 1
+                node = node[step]
+            elif isinstance(node, dict) and step in node:
+                line = node.lc.key(step)[0] + 1
+                node = node[step]
+            else:
+                break
+        except (AttributeError, KeyError, IndexError, TypeError):
+            break
+    return line
+
+
+def _fmt_loc(loc: tuple) -> str:
+    out = ""
+    for step in loc:
+        out += f"[{step}]" if isinstance(step, int) else ("." if out else "") + str(step)
+    return out or "(top level)"
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    """Drop pydantic's union members, validator and discriminator tags from a location."""
+    out = tuple(s for s in loc if isinstance(s, int) or ("[" not in s and "(" not in s))
+    if len(out) > 2 and out[0] == "series" and out[2] in _SOURCE_KEYS:
+        out = out[:2] + out[3:]
+    if len(out) > 1 and out[0] == "gates" and out[-1] in ("str", "dict"):
+        out = out[:-1]
+    return out
+
+
+def _describe(err: dict, allowed: list[str] | None) -> str:
+    kind = err.get("type", "")
+    found = err.get("input")
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "extra_forbidden":
+        hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+        return f"unknown key{hint}"
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    msg = msg[0].lower() + msg[1:] if msg else msg
+    found_s = repr(found)
+    if len(found_s) > 60:
+        found_s = f"a {type(found).__name__}"
+    return f"{msg}; found {found_s}"
+
+
+def _allowed_keys(loc: tuple) -> list[str] | None:
+    if len(loc) == 3 and loc[0] == "series":
+        return ["commits", "mbox", "msgid", "repo", "version"]
+    model: Any = Spec
+    for step in loc[:-1]:
+        if isinstance(step, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(step)
+        if field is None:
+            return None
+        ann = field.annotation
+        inner = getattr(ann, "__args__", (ann,))
+        model = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return None
+    return sorted(getattr(model, "model_fields", {}).keys()) if model else None
+
+
+def parse_spec(text: str, path: Path) -> LoadedSpec:
+    yaml = YAML(typ="rt")
+    try:
+        doc = yaml.load(io.StringIO(text))
+    except MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise InputError(f"{where}: malformed YAML: {e.problem}", hint="fix the syntax") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"{path}:1: expected a mapping at the top level; found {type(doc).__name__}",
+                         hint="see series/demo.yaml for the format")
+    try:
+        spec = Spec.model_validate(_plain(doc))
+    except ValidationError as e:
+        lines, seen = [], set()
+        # Unknown keys first: a typo usually explains the "missing" error next to it.
+        for err in sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden"):
+            loc = _clean_loc(err["loc"])
+            if loc in seen:
+                continue
+            seen.add(loc)
+            line = _line_of(doc, loc)
+            where = f"{path}:{line}" if line else str(path)
+            lines.append(f"{where}: {_fmt_loc(loc)}: {_describe(err, _allowed_keys(loc))}")
+        raise InputError("; ".join(lines[:1]) + (f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""),
+                         hint=None) from None
+    _resolve_paths(spec, path.parent)
+    return LoadedSpec(spec=spec, path=path)
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {str(k) if not isinstance(k, (int, bool)) else k: _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    return node
+
+
+def _is_local(p: str) -> bool:
+    return "://" not in p and not p.startswith("git@")
+
+
+def _abs(p: str, base: Path) -> str:
+    q = Path(p).expanduser()
+    return str(q if q.is_absolute() else (base / q).resolve())
+
+
+def _resolve_paths(spec: Spec, base: Path) -> None:
+    """Make spec-relative paths absolute so a spec works from any directory."""
+    srcs = []
+    for s in spec.sources:
+        if isinstance(s, MboxSource):
+            s = MboxSource(mbox=_abs(s.mbox, base))
+        elif isinstance(s, CommitsSource) and s.repo and _is_local(s.repo):
+            s = CommitsSource(commits=s.commits, repo=_abs(s.repo, base))
+        srcs.append(s)
+    spec.series = srcs
+    if spec.kernel.repo and _is_local(spec.kernel.repo):
+        spec.kernel.repo = _abs(spec.kernel.repo, base)
+    for b in spec.kernel.branches:
+        if b.tarball:
+            b.tarball = _abs(b.tarball, base)
+
+
+def load_spec(path: str | Path) -> LoadedSpec:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise InputError(f"{p}: spec file not found", hint="give the path of a series YAML, e.g. series/demo.yaml") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{p}: cannot read spec: {e}") from None
+    return parse_spec(text, p)
