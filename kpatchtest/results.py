@@ -65,7 +65,7 @@ class ApplyResult(_Model):
     verdict: Verdict
     branch_commit: str
     base: str | None = None         # what prerequisites were searched against
-    patched_tree: str | None = None # tree id after applying what applied
+    patched_commit: str | None = None  # commit (under refs/kpatchtest/) with what applied
     patches: list[PatchResult]
     prerequisites: list[Prerequisite] = Field(default_factory=list)
     duration_s: float = 0.0
