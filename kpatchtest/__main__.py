@@ -1,0 +1,5 @@
+import sys
+
+from kpatchtest.cli import main
+
+sys.exit(main())

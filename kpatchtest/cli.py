@@ -1,0 +1,169 @@
+"""kpatchtest command line: verbs and flags in the style of b4 and git.
+
+Exit codes: 0 the run completed, 1 a gate failed, 2 usage or input error,
+3 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from kpatchtest import __version__
+from kpatchtest.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, KpatchtestError
+from kpatchtest.kernelrepo import default_cache_dir
+from kpatchtest.progress import Progress
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # usage errors are exit 2, one line plus usage
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_INPUT, f"kpatchtest: error: {message}\n")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="cache for fetched series and kernel repos (default: $KPATCHTEST_CACHE or ~/.cache/kpatchtest)")
+    p.add_argument("--offline", action="store_true", help="never touch the network; use what the cache holds")
+    p.add_argument("--midmask", help="lore mirror, b4 style (e.g. http://127.0.0.1:8080/all/%%s)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="kpatchtest", description="Test a kernel patch series across stable branches.")
+    ap.add_argument("--version", action="version", version=f"kpatchtest {__version__}")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("run", help="run a spec: fetch, apply, ... and write reports",
+                       description="Run the pipeline stages of a series spec and write results.json, "
+                                   "junit.xml, summary.md and report.html to --out.")
+    p.add_argument("spec", help="series spec YAML (e.g. series/demo.yaml)")
+    p.add_argument("--stages", help="comma-separated stages to run (default: fetch,apply)")
+    p.add_argument("--branch", "-b", action="append", default=[], help="only this branch (repeatable)")
+    p.add_argument("--out", "-o", type=Path, default=None, help="run directory (default: out/<spec name>)")
+    p.add_argument("--no-hints", action="store_true", help="skip the prerequisite search")
+    _common(p)
+
+    p = sub.add_parser("fetch", help="fetch a spec's series with b4 into the cache",
+                       description="Fetch the series a spec names (b4), print its patches and attestation.")
+    p.add_argument("spec")
+    _common(p)
+
+    p = sub.add_parser("validate", help="check a spec and exit", description="Validate a series spec.")
+    p.add_argument("spec")
+
+    p = sub.add_parser("apply", help="backport table with no spec file",
+                       description="Apply a series to branches of a repo and write the same reports as run.")
+    p.add_argument("--repo", required=True, help="kernel repo: path, URL or source tarball")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--mbox", "-m", help="local mbox file")
+    src.add_argument("--msgid", help="lore message-id")
+    p.add_argument("--version", "-v", dest="series_version", type=int, help="series version with --msgid")
+    p.add_argument("--branch", "-b", action="append", required=True, help="branch to try (repeatable)")
+    p.add_argument("--upstream", help="ref the series was written against (for prerequisite hints)")
+    p.add_argument("--out", "-o", type=Path, default=Path("out/apply"), help="run directory")
+    p.add_argument("--no-hints", action="store_true", help="skip the prerequisite search")
+    _common(p)
+
+    p = sub.add_parser("report", help="re-render reports from a results.json",
+                       description="Render junit.xml, summary.md and report.html from an existing results.json.")
+    p.add_argument("results", type=Path)
+    p.add_argument("--out", "-o", type=Path, default=None, help="where to write (default: beside results.json)")
+    return ap
+
+
+def _run_outcome(outcome, quiet: bool) -> int:
+    from kpatchtest.report import summary
+    if not quiet:
+        sys.stdout.write(summary.render(outcome.result))
+        print(f"\nreports: {', '.join(str(p) for p in outcome.reports)}", file=sys.stderr)
+    return outcome.exit_code
+
+
+def cmd_run(args) -> int:
+    from kpatchtest.pipeline import RunOptions, parse_stages, run
+    from kpatchtest.spec import load_spec
+    loaded = load_spec(args.spec)
+    opts = RunOptions(out=args.out or Path("out") / loaded.spec.name, cache_dir=args.cache_dir or default_cache_dir(),
+                      stages=parse_stages(args.stages), branches=tuple(args.branch), offline=args.offline,
+                      midmask=args.midmask, hints=not args.no_hints)
+    return _run_outcome(run(loaded, opts, Progress(quiet=args.quiet)), args.quiet)
+
+
+def cmd_apply(args) -> int:
+    from kpatchtest.pipeline import RunOptions, run
+    from kpatchtest.spec import parse_spec
+    import yaml
+    source = {"mbox": args.mbox} if args.mbox else {"msgid": args.msgid}
+    if args.msgid and args.series_version:
+        source["version"] = args.series_version
+    doc = {"name": "apply", "series": [source],
+           "kernel": {"repo": args.repo, "branches": args.branch, **({"upstream": args.upstream} if args.upstream else {})}}
+    loaded = parse_spec(yaml.safe_dump(doc), Path.cwd() / "<command line>")
+    opts = RunOptions(out=args.out, cache_dir=args.cache_dir or default_cache_dir(), offline=args.offline,
+                      midmask=args.midmask, hints=not args.no_hints)
+    return _run_outcome(run(loaded, opts, Progress(quiet=args.quiet)), args.quiet)
+
+
+def cmd_fetch(args) -> int:
+    from kpatchtest.series import FetchOptions, fetch_series
+    from kpatchtest.spec import load_spec
+    loaded = load_spec(args.spec)
+    spec = loaded.spec
+    series = fetch_series(spec.sources, FetchOptions(cache_dir=args.cache_dir or default_cache_dir(),
+                                                     midmask=args.midmask or spec.fetch.midmask,
+                                                     offline=args.offline, attestation=spec.fetch.attestation))
+    print(f"{series.title}" + (f" (v{series.version})" if series.version else ""))
+    if series.base_commit:
+        print(f"base-commit: {series.base_commit}")
+    for p in series.patches:
+        print(f"  [{p.index}/{len(series.patches)}] {p.subject}  attestation: {p.attestation}")
+    return EXIT_OK
+
+
+def cmd_validate(args) -> int:
+    from kpatchtest.spec import load_spec
+    loaded = load_spec(args.spec)
+    s = loaded.spec
+    print(f"{loaded.path}: ok ({s.name}: {len(s.sources)} source(s), "
+          f"{len(s.kernel.branches)} branch(es): {', '.join(b.name for b in s.kernel.branches)})")
+    return EXIT_OK
+
+
+def cmd_report(args) -> int:
+    from kpatchtest.report import write_all
+    from kpatchtest.results import load
+    result = load(args.results)
+    out = args.out or args.results.parent
+    paths = write_all(result, out)
+    print("\n".join(str(p) for p in paths))
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "apply": cmd_apply, "fetch": cmd_fetch, "validate": cmd_validate, "report": cmd_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.cmd:
+        parser.print_help(sys.stderr)
+        return EXIT_INPUT
+    try:
+        return COMMANDS[args.cmd](args)
+    except KpatchtestError as e:
+        print(f"kpatchtest: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("kpatchtest: interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # a bug: say so, with the traceback
+        traceback.print_exc()
+        print("kpatchtest: internal error (a bug in kpatchtest, please report it)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""The cache repository: where branches, imports and patched results live.
+
+The user's own checkout is only ever read. A local repository is borrowed
+through git alternates (no copy of its objects), a URL is fetched into a
+private refs namespace, a source tarball is imported as a commit. All of it
+sits in one bare repository per kernel.repo under the cache directory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kpatchtest.apply import BranchTarget, slug
+from kpatchtest.errors import GitError, InputError
+from kpatchtest.gitutil import Git
+from kpatchtest.spec import BranchSpec
+
+REMOTES = "refs/kpatchtest/remotes"
+IMPORTS = "refs/kpatchtest/imports"
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("KPATCHTEST_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "kpatchtest"
+
+
+def _is_url(repo: str) -> bool:
+    return "://" in repo or re.match(r"^[\w.-]+@[\w.-]+:", repo) is not None
+
+
+@dataclass
+class ResolvedKernel:
+    git: Git
+    targets: list[BranchTarget] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)   # branch name -> one-line error
+    upstream: str | None = None
+
+
+@contextmanager
+def locked(path: Path):
+    """An exclusive lock so two runs never fetch or import into one repo at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class KernelCache:
+    def __init__(self, cache_dir: Path, repo: str | None):
+        self.repo = repo
+        key = repo or "imports"
+        name = slug(Path(key.rstrip("/")).name or "repo") + "-" + hashlib.sha1(key.encode()).hexdigest()[:10]
+        self.path = cache_dir / "repos" / f"{name}.git"
+        self.git = Git(self.path)
+        self.lock_path = self.path / "kpatchtest.lock"
+
+    def open(self) -> Git:
+        if not (self.path / "HEAD").exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            Git(self.path.parent).run("init", "-q", "--bare", str(self.path))
+            self.git.run("config", "gc.auto", "0")
+        if self.repo and not _is_url(self.repo) and not _is_tarball(self.repo):
+            self._borrow(Path(self.repo))
+        return self.git
+
+    def _borrow(self, repo: Path) -> None:
+        """Point alternates at a local repository: its objects without copying them."""
+        if not repo.exists():
+            raise InputError(f"kernel.repo {repo}: no such directory",
+                             hint="give a path to a kernel git repository, a URL, or a source tarball")
+        p = Git(repo).run("rev-parse", "--path-format=absolute", "--git-common-dir", check=False)
+        if p.returncode != 0:
+            raise InputError(f"kernel.repo {repo}: not a git repository",
+                             hint="give a path to a kernel git repository, a URL, or a source tarball")
+        objects = Path(p.stdout.strip()) / "objects"
+        alt = self.path / "objects" / "info" / "alternates"
+        alt.parent.mkdir(parents=True, exist_ok=True)
+        if not alt.exists() or str(objects) not in alt.read_text().split("\n"):
+            alt.write_text(f"{objects}\n")
+
+    # -- resolving refs -----------------------------------------------------
+    def _local_ref(self, ref: str) -> str | None:
+        for cand in (ref, f"{REMOTES}/{slug(ref)}", f"{IMPORTS}/{ref}"):
+            sha = self.git.rev_parse(cand)
+            if sha:
+                return sha
+        return None
+
+    def _resolve(self, ref: str, offline: bool) -> str:
+        assert self.repo is not None
+        if _is_tarball(self.repo):
+            sha = self._local_ref(ref)
+            if not sha:
+                raise InputError(f"branch {ref!r} not found in the imported tarball {self.repo}",
+                                 hint="name the branch by the tarball's kernel version")
+            return sha
+        if not _is_url(self.repo):
+            p = Git(Path(self.repo)).run("rev-parse", "--verify", "--quiet", "--end-of-options",
+                                         ref + "^{commit}", check=False)
+            if p.returncode != 0:
+                raise InputError(f"branch {ref!r} not found in {self.repo}",
+                                 hint=f"check the name with: git -C {self.repo} branch -a")
+            sha = p.stdout.strip()
+            self.git.run("update-ref", f"{REMOTES}/{slug(ref)}", sha)
+            return sha
+        local = f"{REMOTES}/{slug(ref)}"
+        if not offline:
+            with locked(self.lock_path):
+                p = self.git.run("fetch", "--no-tags", "--quiet", self.repo, f"+{ref}:{local}", check=False)
+            if p.returncode != 0:
+                last = (p.stderr.strip().splitlines() or ["git fetch failed"])[-1]
+                if "couldn't find remote ref" in p.stderr:
+                    raise InputError(f"branch {ref!r} not found in {self.repo}",
+                                     hint="check the name with: git ls-remote --heads " + self.repo)
+                raise InputError(f"cannot fetch {ref!r} from {self.repo}: {last}",
+                                 hint="check the URL and network, or use --offline with a filled cache")
+        sha = self.git.rev_parse(local)
+        if not sha:
+            raise InputError(f"branch {ref!r} of {self.repo} is not in the cache",
+                             hint="run once without --offline")
+        return sha
+
+    def resolve(self, branches: list[BranchSpec], upstream: str | None, offline: bool,
+                on_branch=lambda name, msg: None) -> ResolvedKernel:
+        from kpatchtest.tarball import import_tarball
+
+        git = self.open()
+        out = ResolvedKernel(git=git)
+        if self.repo and _is_tarball(self.repo):
+            import_tarball(git, Path(self.repo))
+        for b in branches:
+            try:
+                if b.tarball:
+                    on_branch(b.name, f"importing {b.tarball}")
+                    sha = import_tarball(git, Path(b.tarball), name=b.name).commit  # locks itself
+                else:
+                    on_branch(b.name, "resolving")
+                    sha = self._resolve(b.git_ref, offline)
+                out.targets.append(BranchTarget(name=b.name, commit=sha))
+            except (InputError, GitError) as e:
+                out.errors[b.name] = str(e)
+        if upstream:
+            try:
+                out.upstream = self._resolve(upstream, offline) if self.repo else self._local_ref(upstream)
+            except (InputError, GitError) as e:
+                out.errors[f"upstream {upstream}"] = str(e)
+        return out
+
+
+def _is_tarball(path: str) -> bool:
+    from kpatchtest.tarball import is_tarball
+    return is_tarball(path)

@@ -1,0 +1,214 @@
+"""The pipeline, one direction: spec -> fetch -> apply -> (build -> boot -> workloads) -> report.
+
+Each stage takes typed inputs and appends to the one RunResult. Reports are
+written only once the stages ran, so a run that dies on bad input leaves the
+previous results in --out untouched.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from kpatchtest import __version__
+from kpatchtest.apply import ApplyContext, BranchTarget, apply_series
+from kpatchtest.errors import EXIT_GATE, EXIT_INPUT, EXIT_OK, InputError
+from kpatchtest.kernelrepo import KernelCache, ResolvedKernel
+from kpatchtest.patchset import Series
+from kpatchtest.progress import Progress
+from kpatchtest.report import write_all
+from kpatchtest.results import ApplyResult, GateResult, RunResult, SeriesInfo, SeriesPatchInfo
+from kpatchtest.series import FetchOptions, fetch_series
+from kpatchtest.spec import GATE_ACCEPTS, LoadedSpec
+
+STAGES = ("fetch", "apply")
+FUTURE_STAGES = ("build", "boot", "workloads", "compare")
+
+
+@dataclass
+class RunOptions:
+    out: Path
+    cache_dir: Path
+    stages: tuple[str, ...] = STAGES
+    branches: tuple[str, ...] = ()     # restrict to these branch names
+    offline: bool = False
+    midmask: str | None = None         # overrides the spec's fetch.midmask
+    hints: bool = True
+
+
+def parse_stages(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return STAGES
+    stages = tuple(s.strip() for s in text.split(",") if s.strip())
+    for s in stages:
+        if s in FUTURE_STAGES:
+            raise InputError(f"--stages: stage {s!r} is not implemented yet", hint=f"available: {', '.join(STAGES)}")
+        if s not in STAGES:
+            raise InputError(f"--stages: unknown stage {s!r}", hint=f"available: {', '.join(STAGES)}")
+    return stages
+
+
+@dataclass
+class Outcome:
+    result: RunResult
+    exit_code: int
+    reports: list[Path] = field(default_factory=list)
+
+
+def series_info(series: Series) -> SeriesInfo:
+    return SeriesInfo(
+        title=series.title, sources=list(series.sources), version=series.version,
+        base_commit=series.base_commit, link=series.link,
+        prerequisite_patch_ids=list(series.prerequisite_patch_ids),
+        patches=[SeriesPatchInfo(index=p.index, subject=p.subject, msgid=p.msgid, author=p.author,
+                                 attestation=p.attestation, attestation_detail=p.attestation_detail)
+                 for p in series.patches])
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class OutDir:
+    """The run directory: one run at a time, with a state cache of finished steps."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.state = path / "state"
+        self._lock = None
+
+    def __enter__(self) -> "OutDir":
+        self.state.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.path / ".kpatchtest.lock", "a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"{self.path}: another kpatchtest run is using this output directory",
+                             hint="wait for it, or pass a different --out") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock:
+            self._lock.close()
+
+    @property
+    def ref_prefix(self) -> str:
+        return "refs/kpatchtest/runs/" + hashlib.sha1(str(self.path.resolve()).encode()).hexdigest()[:12]
+
+    def cached(self, key: str) -> dict | None:
+        p = self.state / f"{key}.json"
+        try:
+            return json.loads(p.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def store(self, key: str, data: str) -> None:
+        p = self.state / f"{key}.json"
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(data)
+        os.replace(tmp, p)
+
+
+def _apply_key(series: Series, target: BranchTarget, base: str | None, upstream: str | None, hints: bool) -> str:
+    h = hashlib.sha256()
+    for part in (__version__, target.commit, base or "", upstream or "", str(hints)):
+        h.update(part.encode() + b"\0")
+    for p in series.patches:
+        h.update(f"{p.index}\0{p.subject}\0{p.upstream_commit}\0{p.diff}\0".encode())
+    return "apply-" + h.hexdigest()[:24]
+
+
+def _base_for(series: Series, kernel: ResolvedKernel) -> str | None:
+    """Prerequisites are searched against the series' base-commit, else kernel.upstream."""
+    if series.base_commit:
+        sha = kernel.git.rev_parse(series.base_commit)
+        if sha:
+            return sha
+    return kernel.upstream
+
+
+def evaluate_gates(loaded: LoadedSpec, result: RunResult) -> None:
+    result.gates = []
+    for b in result.branches:
+        level = loaded.spec.gates.apply_level(b.name)
+        if not level:
+            continue
+        actual = b.apply.verdict if b.apply else "error"
+        result.gates.append(GateResult(name="apply", branch=b.name, passed=actual in GATE_ACCEPTS[level],
+                                       expected=level, actual=actual))
+
+
+def run(loaded: LoadedSpec, opts: RunOptions, progress: Progress | None = None) -> Outcome:
+    progress = progress or Progress()
+    spec = loaded.spec
+    branches = spec.kernel.branches
+    if opts.branches:
+        known = {b.name for b in branches}
+        unknown = [b for b in opts.branches if b not in known]
+        if unknown:
+            raise InputError(f"--branch {unknown[0]}: not a branch of {loaded.path}",
+                             hint=f"branches there: {', '.join(sorted(known))}")
+        branches = [b for b in branches if b.name in opts.branches]
+
+    result = RunResult(tool_version=__version__, name=spec.name, spec=str(loaded.path), started=_now(),
+                       stages=list(opts.stages))
+    fetch_opts = FetchOptions(cache_dir=opts.cache_dir, midmask=opts.midmask or spec.fetch.midmask,
+                              offline=opts.offline, attestation=spec.fetch.attestation)
+    with progress.stage("fetch", 1):
+        series = fetch_series(spec.sources, fetch_opts, title=None)
+        progress.step(series.title, f"{len(series.patches)} patch(es)")
+    result.series = series_info(series)
+
+    with OutDir(opts.out) as out:
+        (opts.out / "series.mbox").write_text("".join(p.as_mbox() + "\n" for p in series.patches))
+        if "apply" in opts.stages:
+            _apply_stage(loaded, opts, series, branches, result, out, progress)
+        result.finished = _now()
+        evaluate_gates(loaded, result)
+        reports = write_all(result, opts.out)
+    code = EXIT_OK
+    if any(b.error for b in result.branches):
+        code = EXIT_INPUT
+    elif result.gates_failed():
+        code = EXIT_GATE
+    return Outcome(result=result, exit_code=code, reports=reports)
+
+
+def _apply_stage(loaded: LoadedSpec, opts: RunOptions, series: Series, branches, result: RunResult,
+                 out: OutDir, progress: Progress) -> None:
+    spec = loaded.spec
+    cache = KernelCache(opts.cache_dir, spec.kernel.repo)
+    with progress.stage("apply", len(branches)):
+        kernel = cache.resolve(branches, spec.kernel.upstream, opts.offline,
+                               on_branch=lambda name, msg: progress.log(f"{name}: {msg}"))
+        for name, err in kernel.errors.items():
+            if name.startswith("upstream "):
+                progress.log(f"warning: {err}; prerequisite hints need it")
+        base = _base_for(series, kernel)
+        scratch = out.state / "scratch"
+        scratch.mkdir(exist_ok=True)
+        ctx = ApplyContext(git=kernel.git, scratch=scratch, base=base, upstream=kernel.upstream,
+                           ref_prefix=out.ref_prefix, hints=opts.hints)
+        targets = {t.name: t for t in kernel.targets}
+        for b in branches:
+            br = result.branch(b.name)
+            if b.name in kernel.errors:
+                br.error = kernel.errors[b.name]
+                progress.step(b.name, f"error: {br.error}")
+                continue
+            target = targets[b.name]
+            br.commit = target.commit
+            key = _apply_key(series, target, base, kernel.upstream, opts.hints)
+            cached = out.cached(key)
+            if cached and (not cached.get("patched_commit") or kernel.git.rev_parse(cached["patched_commit"])):
+                br.apply = ApplyResult.model_validate(cached)
+                progress.step(b.name, f"{br.apply.verdict} (unchanged inputs, reused)")
+                continue
+            br.apply = apply_series(ctx, series, target)
+            out.store(key, br.apply.model_dump_json())
+            progress.step(b.name, f"{br.apply.verdict} in {br.apply.duration_s:.2f} s")

@@ -1,0 +1,69 @@
+"""summary.md: the patches x branches matrix and prerequisite hints, for a mail reply.
+
+Plain ASCII, columns padded, so it reads the same in a mail client as rendered.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kpatchtest.report.cells import branch_verdict, cell, kernel_ref, patch_cell, patch_rows
+from kpatchtest.results import RunResult
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+    return [fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)]
+
+
+def render(result: RunResult) -> str:
+    s = result.series
+    title = s.title if s else result.name
+    out = [f"kpatchtest: {title}" + (f" (v{s.version})" if s and s.version else ""), ""]
+    if s:
+        out.append(f"Series: {len(s.patches)} patch(es) from {', '.join(s.sources)}")
+        if s.base_commit:
+            out.append(f"base-commit: {s.base_commit}")
+        if s.link:
+            out.append(f"Link: {s.link}")
+        out.append("")
+    branches = result.branches
+    rows = []
+    for index, subject in patch_rows(result):
+        short = subject if len(subject) <= 60 else subject[:57] + "..."
+        rows.append([str(index), short] + [patch_cell(c) if (c := cell(b, index)) else "-" for b in branches])
+    rows.append(["", "verdict"] + [branch_verdict(b) for b in branches])
+    out += _table(["#", "patch"] + [b.name for b in branches], rows)
+    for b in branches:
+        notes = []
+        if b.error:
+            notes.append(f"  error: {b.error}")
+        if b.apply:
+            for p in b.apply.patches:
+                if p.status == "applied-3way" and p.detail:
+                    notes.append(f"  patch {p.index}: {p.detail}")
+                for c in p.conflicts:
+                    notes.append(f"  patch {p.index}: {c.file}: {c.hunks} hunk(s) rejected"
+                                 + (f" ({c.reason})" if c.reason else ""))
+            verified = [q for q in b.apply.prerequisites if q.verified]
+            others = [q for q in b.apply.prerequisites if not q.verified]
+            if verified:
+                notes.append("  needs first (verified: the series applies after these):")
+                notes += [f"    {kernel_ref(q.commit, q.subject)} [{q.size} lines]" for q in verified]
+            if others:
+                notes.append("  also touched the rejected lines (unverified):")
+                notes += [f"    {kernel_ref(q.commit, q.subject)} [{q.size} lines]" for q in others]
+        if notes:
+            out += ["", f"{b.name}:"] + notes
+    failed = result.gates_failed()
+    if result.gates:
+        out += ["", "Gates: " + ("all passed" if not failed else
+                                 "; ".join(f"{g.name} on {g.branch}: expected {g.expected}, got {g.actual}"
+                                           for g in failed))]
+    out += ["", f"-- kpatchtest {result.tool_version}, schema {result.schema_version}"]
+    return "\n".join(out) + "\n"
+
+
+def write(result: RunResult, path: Path) -> None:
+    path.write_text(render(result))
