@@ -224,10 +224,11 @@ def parse_spec(text: str, path: Path) -> LoadedSpec:
     except ValidationError as e:
         lines, seen = [], set()
         # Unknown keys first: a typo usually explains the "missing" error next to it.
-        for err in sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden"):
+        # Of a union's alternatives, the deepest location is the one the user meant.
+        for err in sorted(e.errors(), key=lambda x: (x["type"] != "extra_forbidden", -len(_clean_loc(x["loc"])))):
             loc = _clean_loc(err["loc"])
-            if loc in seen:
-                continue
+            if any(loc[:len(o)] == o or o[:len(loc)] == loc for o in seen):
+                continue    # another alternative of the same union
             seen.add(loc)
             line = _line_of(doc, loc)
             where = f"{path}:{line}" if line else str(path)

@@ -1,0 +1,32 @@
+# Quick start (README): `make demo` and `make test` on a fresh Debian machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := git xz-utils public-inbox linux-source-6.1 linux-source-6.12
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup system venv demo test clean
+
+setup: system venv
+
+system:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing: $$missing"; \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/kpatchtest run series/demo.yaml --out out/demo
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) out

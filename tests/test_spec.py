@@ -1,0 +1,80 @@
+"""Spec validation: every user error is one line with file:line, key path, expected and found."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kpatchtest.errors import InputError
+from kpatchtest.sources import MboxSource, MsgidSource
+from kpatchtest.spec import load_spec, parse_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GOOD = """\
+name: x
+series:
+  - msgid: abc@example.org
+    version: 3
+  - mbox: patches/fix.mbox
+kernel:
+  repo: ../linux
+  upstream: master
+  branches:
+    - linux-6.1.y
+    - {name: debian-6.1, tarball: /usr/src/linux-source-6.1.tar.xz}
+gates:
+  apply: {default: clean, linux-6.1.y: partial}
+"""
+
+
+def test_good_spec_resolves_paths_relative_to_the_spec(tmp_path):
+    spec = parse_spec(GOOD, tmp_path / "s.yaml").spec
+    assert spec.sources == [MsgidSource(msgid="abc@example.org", version=3),
+                            MboxSource(mbox=str(tmp_path / "patches/fix.mbox"))]
+    assert spec.kernel.repo == str((tmp_path / "../linux").resolve())
+    assert [b.name for b in spec.kernel.branches] == ["linux-6.1.y", "debian-6.1"]
+    assert spec.gates.apply_level("linux-6.1.y") == "partial"
+    assert spec.gates.apply_level("debian-6.1") == "clean"
+
+
+@pytest.mark.parametrize("text, expected", [
+    (GOOD.replace("  branches:", "  branchs:"), "s.yaml:9: kernel.branchs: unknown key (allowed: branches, repo, upstream)"),
+    (GOOD.replace("    version: 3", "    verison: 3"), "s.yaml:4: series[0].verison: unknown key"),
+    (GOOD.replace("    version: 3", "    version: three"), "s.yaml:4: series[0].version: input should be a valid integer"),
+    (GOOD.replace("  - msgid: abc@example.org\n    version: 3\n", "  - foo: 1\n"),
+     "s.yaml:3: series[0]: expected a mapping with one of msgid:, mbox:, commits:; found {'foo': 1}"),
+    (GOOD.replace("default: clean", "default: cleen"), "s.yaml:13: gates.apply.default: input should be 'clean', 'three-way', 'partial' or 'any'; found 'cleen'"),
+    (GOOD + "workload: []\n", "s.yaml:14: workload: unknown key (allowed: configs, fetch, gates"),
+    (GOOD.replace("name: x\n", ""), "s.yaml: name: required key is missing"),
+    ("name: x\nseries: [\n", "s.yaml:3: malformed YAML"),
+    ("- just a list\n", "s.yaml:1: expected a mapping at the top level; found CommentedSeq"),
+    (GOOD.replace("  repo: ../linux\n", ""), "s.yaml:6: kernel: kernel.repo is required unless every branch names a tarball"),
+])
+def test_bad_specs_give_one_located_line(tmp_path, text, expected):
+    with pytest.raises(InputError) as e:
+        parse_spec(text, tmp_path / "s.yaml")
+    msg = str(e.value)
+    assert expected in msg, msg
+    assert "\n" not in msg and "Traceback" not in msg
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match="spec file not found"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("name", ["tdp-roots.yaml", "cr0-wp.yaml", "demo.yaml"])
+def test_shipped_specs_validate(name):
+    spec = load_spec(ROOT / "series" / name).spec
+    assert spec.kernel.branches
+
+
+def test_shipped_real_series_name_the_seed_message_ids():
+    tdp = load_spec(ROOT / "series/tdp-roots.yaml").spec
+    assert tdp.sources == [MsgidSource(msgid="20230426220323.3079789-1-seanjc@google.com", version=3)]
+    assert [b.name for b in tdp.kernel.branches] == ["linux-5.10.y", "linux-5.15.y", "linux-6.1.y"]
+    cr0 = load_spec(ROOT / "series/cr0-wp.yaml").spec
+    assert [s.msgid for s in cr0.sources] == ["20230322013731.102955-1-minipli@grsecurity.net",
+                                              "20230405002608.418442-1-seanjc@google.com"]
