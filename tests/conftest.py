@@ -1,0 +1,3 @@
+"""Shared fixtures: a real public-inbox on loopback (conftest_lore), Debian kernel trees (conftest_debian)."""
+
+pytest_plugins = ["tests.conftest_lore"]
