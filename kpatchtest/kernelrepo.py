@@ -64,15 +64,25 @@ class KernelCache:
         name = slug(Path(key.rstrip("/")).name or "repo") + "-" + hashlib.sha1(key.encode()).hexdigest()[:10]
         self.path = cache_dir / "repos" / f"{name}.git"
         self.git = Git(self.path)
-        self.lock_path = self.path / "kpatchtest.lock"
+        self.lock_path = self.path.with_name(self.path.name + ".lock")   # exists before the repo does
+
+    def preflight(self, branches: list[BranchSpec]) -> None:
+        """Cheap local checks, before anything slow or networked runs."""
+        if self.repo and not _is_url(self.repo) and not Path(self.repo).exists():
+            raise InputError(f"kernel.repo {self.repo}: no such directory",
+                             hint="give a path to a kernel git repository, a URL, or a source tarball")
+        for b in branches:
+            if b.tarball and not Path(b.tarball).is_file():
+                raise InputError(f"branch {b.name}: tarball {b.tarball} not found",
+                                 hint="install it (e.g. apt-get install linux-source-6.1) or fix the path")
 
     def open(self) -> Git:
-        if not (self.path / "HEAD").exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            Git(self.path.parent).run("init", "-q", "--bare", str(self.path))
-            self.git.run("config", "gc.auto", "0")
-        if self.repo and not _is_url(self.repo) and not _is_tarball(self.repo):
-            self._borrow(Path(self.repo))
+        with locked(self.lock_path):    # two runs may create the same cache repo at once
+            if not (self.path / "HEAD").exists():
+                Git(self.path.parent).run("init", "-q", "--bare", str(self.path))
+                self.git.run("config", "gc.auto", "0")
+            if self.repo and not _is_url(self.repo) and not _is_tarball(self.repo):
+                self._borrow(Path(self.repo))
         return self.git
 
     def _borrow(self, repo: Path) -> None:
@@ -117,8 +127,7 @@ class KernelCache:
             return sha
         local = f"{REMOTES}/{slug(ref)}"
         if not offline:
-            with locked(self.lock_path):
-                p = self.git.run("fetch", "--no-tags", "--quiet", self.repo, f"+{ref}:{local}", check=False)
+            p = self.git.run("fetch", "--no-tags", "--quiet", self.repo, f"+{ref}:{local}", check=False)
             if p.returncode != 0:
                 last = (p.stderr.strip().splitlines() or ["git fetch failed"])[-1]
                 if "couldn't find remote ref" in p.stderr:
@@ -147,13 +156,15 @@ class KernelCache:
                     sha = import_tarball(git, Path(b.tarball), name=b.name).commit  # locks itself
                 else:
                     on_branch(b.name, "resolving")
-                    sha = self._resolve(b.git_ref, offline)
+                    with locked(self.lock_path):    # ref updates and fetches, one run at a time
+                        sha = self._resolve(b.git_ref, offline)
                 out.targets.append(BranchTarget(name=b.name, commit=sha))
             except (InputError, GitError) as e:
                 out.errors[b.name] = str(e)
         if upstream:
             try:
-                out.upstream = self._resolve(upstream, offline) if self.repo else self._local_ref(upstream)
+                with locked(self.lock_path):
+                    out.upstream = self._resolve(upstream, offline) if self.repo else self._local_ref(upstream)
             except (InputError, GitError) as e:
                 out.errors[f"upstream {upstream}"] = str(e)
         return out

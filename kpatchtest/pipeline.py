@@ -159,6 +159,8 @@ def run(loaded: LoadedSpec, opts: RunOptions, progress: Progress | None = None) 
                        stages=list(opts.stages))
     fetch_opts = FetchOptions(cache_dir=opts.cache_dir, midmask=opts.midmask or spec.fetch.midmask,
                               offline=opts.offline, attestation=spec.fetch.attestation)
+    if "apply" in opts.stages:
+        KernelCache(opts.cache_dir, spec.kernel.repo).preflight(branches)
     with progress.stage("fetch", 1):
         series = fetch_series(spec.sources, fetch_opts, title=None)
         progress.step(series.title, f"{len(series.patches)} patch(es)")

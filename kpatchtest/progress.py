@@ -47,13 +47,16 @@ class Progress:
             self._task = self._rich.add_task(name, total=total, item="")
         else:
             self.log(f"start ({total} step{'s' if total != 1 else ''})")
+        ok = False
         try:
             yield self
+            ok = True
         finally:
             if self._rich is not None:
                 self._rich.stop()
                 self._rich = None
-            self.log(f"done in {time.monotonic() - t0:.1f} s")
+            if ok:     # on failure the error line says it all
+                self.log(f"done in {time.monotonic() - t0:.1f} s")
             self._stage = ""
 
     def step(self, item: str, msg: str = "") -> None:
