@@ -1,7 +1,8 @@
 # Quick start (README): `make demo` and `make test` on a fresh Debian machine.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := git xz-utils public-inbox linux-source-6.1 linux-source-6.12
+APT_PACKAGES := git xz-utils public-inbox linux-source-6.1 linux-source-6.12 \
+	build-essential flex bison bc libelf-dev libssl-dev cpio ccache
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup system venv demo test clean
