@@ -33,24 +33,6 @@ class Hunk:
     def new_range(self) -> tuple[int, int]:
         return self.new_start, self.new_start + max(self.new_len, 1) - 1
 
-    def changed_old_range(self) -> tuple[int, int]:
-        """Pre-image lines actually removed, or the insertion point for pure additions."""
-        n = self.old_start
-        lo = hi = None
-        for line in self.lines:
-            tag = line[:1]
-            if tag == "-":
-                lo = n if lo is None else lo
-                hi = n
-                n += 1
-            elif tag == " ":
-                n += 1
-            elif tag == "+" and lo is None:
-                lo = hi = max(n - 1, 1)
-        if lo is None:
-            return self.old_range()
-        return lo, hi
-
     def changed_new_range(self) -> tuple[int, int]:
         """Post-image lines this hunk wrote (or the deletion point)."""
         n = self.new_start
