@@ -197,6 +197,7 @@ class BranchApplier:
                 elif res.status != "already-present":
                     head = self.git.out("commit-tree", wi.tree, "-p", head, "-m",
                                         f"{patch.subject}\n\n{patch.message}".strip(), env=_commit_env(patch))
+                    res.commit = head
                 results.append(res)
         finally:
             wi.close()

@@ -50,12 +50,16 @@ def _clean(log: str) -> list[str]:
     return [_ANSI_RE.sub("", line).rstrip("\r\n ") for line in log.splitlines()]
 
 
+def compiled_objects(log: str) -> list[str]:
+    """Kernel objects the log shows compiled: kbuild's ``CC``/``AS`` lines for ``.o``
+    files, built-in or module (``[M]``). Not counted: LD, AR, GEN, HOSTCC, ``.s`` files
+    (asm-offsets), and the host tools that tools/ builds (objtool, libsubcmd), which
+    kbuild prints with absolute paths in the build directory."""
+    return [m.group(1) for line in _clean(log) if (m := _COMPILE_RE.match(line)) and not m.group(1).startswith("/")]
+
+
 def objects_compiled(log: str) -> int:
-    """How many kernel objects the log shows compiled: kbuild's ``CC``/``AS`` lines for
-    ``.o`` files, built-in or module (``[M]``). Not counted: LD, AR, GEN, HOSTCC, ``.s``
-    files (asm-offsets), and the host tools that tools/ builds (objtool, libsubcmd),
-    which kbuild prints with absolute paths in the build directory."""
-    return sum(1 for line in _clean(log) if (m := _COMPILE_RE.match(line)) and not m.group(1).startswith("/"))
+    return len(compiled_objects(log))
 
 
 @dataclass(frozen=True)

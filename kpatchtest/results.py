@@ -3,6 +3,7 @@
 Schema history (bump SCHEMA_VERSION on any incompatible change, document it in
 docs/results-schema.md):
   1 - series, branches[].apply (verdict, patches, prerequisites), gates.
+  2 - branches[].build (baseline, patched, per-patch builds); patches[].commit.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)   # 2 only added fields: a version-1 file reads as a run without builds
 
 PatchStatus = Literal["applied", "applied-3way", "already-present", "conflict", "skipped"]
 ApplyMethod = Literal["offset", "3way", "fuzz", "rename"]
@@ -47,6 +49,7 @@ class PatchResult(_Model):
     present_as: str | None = None           # sha of the branch commit carrying it
     present_by: PresentBy | None = None
     depends_on: list[int] = Field(default_factory=list)  # skipped: the conflicting patches
+    commit: str | None = None               # the commit this patch became on the branch
 
 
 class Prerequisite(_Model):
@@ -71,6 +74,45 @@ class ApplyResult(_Model):
     duration_s: float = 0.0
 
 
+BuildStatus = Literal["pass", "fail", "skipped"]
+
+
+class BuildResult(_Model):
+    """One kernel build: what a reviewer needs to trust it."""
+
+    status: BuildStatus
+    reason: str = ""                        # skipped: why; fail: the first error line
+    commit: str | None = None
+    tree: str | None = None
+    duration_s: float = 0.0
+    objects_compiled: int = 0
+    reused: bool = False                    # identical tree+config+toolchain: artifacts reused, no make
+    cache_hit_rate: float | None = None     # ccache, 0..1, this build only
+    config_hash: str | None = None
+    config_missing: list[str] = Field(default_factory=list)   # requested symbols that did not take
+    config_errors: list[str] = Field(default_factory=list)    # required ones among them
+    warnings_new: list[str] = Field(default_factory=list)
+    warnings_total: int = 0
+    error_excerpt: str | None = None
+    artifacts: dict[str, str] = Field(default_factory=dict)   # name -> path relative to the run dir
+    kernelrelease: str | None = None
+    compiler: str | None = None
+
+
+class PatchBuild(_Model):
+    index: int
+    status: BuildStatus
+    objects_compiled: int = 0
+    reason: str = ""
+
+
+class BranchBuild(_Model):
+    baseline: BuildResult
+    patched: BuildResult
+    per_patch: list[PatchBuild] = Field(default_factory=list)
+    first_bad_patch: int | None = None
+
+
 class GateResult(_Model):
     name: str                       # e.g. "apply"
     branch: str | None = None
@@ -84,6 +126,7 @@ class BranchResult(_Model):
     commit: str | None = None
     error: str | None = None        # the branch could not be processed (one line)
     apply: ApplyResult | None = None
+    build: BranchBuild | None = None
 
 
 class SeriesPatchInfo(_Model):
@@ -146,9 +189,9 @@ def load(path: Path) -> RunResult:
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot read results: {e}") from None
     version = data.get("schema_version") if isinstance(data, dict) else None
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise InputError(
-            f"{path}: results schema version {version!r}, this kpatchtest reads {SCHEMA_VERSION}",
+            f"{path}: results schema version {version!r}, this kpatchtest reads {READABLE_VERSIONS}",
             hint="re-run with a matching kpatchtest version",
         )
     return RunResult.model_validate(data)

@@ -80,10 +80,31 @@ class FetchSpec(_Strict):
         return v
 
 
+class ConfigsSpec(_Strict):
+    """The kernel config: a base plus Kconfig fragments, merged like merge_config.sh."""
+
+    base: str = "tinyconfig"        # a make target (defconfig, tinyconfig, kvm_guest.config) or a file
+    fragments: list[str] = Field(default_factory=list)  # paths, or names of files in configs/
+    required: list[str] = Field(default_factory=list)   # symbols whose loss is an error, not a warning
+
+
+class BuildSpec(_Strict):
+    """Which branches to build and how."""
+
+    when: ApplyLevel = "partial"    # build branches whose apply verdict passes this level
+    per_patch: bool = False         # also build after each patch: the first patch that breaks the build
+    jobs: int | None = Field(default=None, ge=1)    # default: CPU count
+    make_vars: dict[str, str] = Field(default_factory=dict)
+
+
+BuildGate = Literal["pass", "no-new-warnings"]
+
+
 class GatesSpec(_Strict):
     """Gates turn results into exit code 1: `apply: clean`, or per branch."""
 
     apply: ApplyLevel | dict[str, ApplyLevel] | None = None
+    build: BuildGate | None = None  # pass: the patched build passes; no-new-warnings: and adds no warning
 
     def apply_level(self, branch: str) -> str | None:
         if isinstance(self.apply, dict):
@@ -116,8 +137,9 @@ class Spec(_Strict):
     kernel: KernelSpec
     fetch: FetchSpec = Field(default_factory=FetchSpec)
     gates: GatesSpec = Field(default_factory=GatesSpec)
-    # Reserved for the build, lab and workload stages (later issues).
-    configs: Any = None
+    configs: ConfigsSpec = Field(default_factory=ConfigsSpec)
+    build: BuildSpec = Field(default_factory=BuildSpec)
+    # Reserved for the lab and workload stages (later issues).
     lab: Any = None
     workloads: Any = None
 
@@ -271,6 +293,26 @@ def _resolve_paths(spec: Spec, base: Path) -> None:
     for b in spec.kernel.branches:
         if b.tarball:
             b.tarball = _abs(b.tarball, base)
+    spec.configs.fragments = [resolve_fragment(f, base) for f in spec.configs.fragments]
+    if base_looks_like_file(spec.configs.base):
+        spec.configs.base = _abs(spec.configs.base, base)
+
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_fragment(name: str, base: Path) -> str:
+    """A fragment path relative to the spec, else a file of the shipped configs/ directory."""
+    p = Path(name).expanduser()
+    if p.is_absolute():
+        return str(p)
+    if (base / p).exists() or "/" in name:
+        return str((base / p).resolve())
+    return str(CONFIGS_DIR / name)
+
+
+def base_looks_like_file(base: str) -> bool:
+    return "/" in base or base.startswith(".")
 
 
 def load_spec(path: str | Path) -> LoadedSpec:

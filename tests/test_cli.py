@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from kpatchtest.cli import main
+from kpatchtest.results import SCHEMA_VERSION
 from tests.kernelhist import build
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +51,7 @@ def test_run_writes_reports_and_never_touches_the_users_repo(tmp_path, hist, cac
     assert main(["run", str(write_spec(tmp_path, hist)), "--out", str(out)]) == 0
     assert state(hist) == before
     res = json.loads((out / "results.json").read_text())
-    assert res["schema_version"] == 1
+    assert res["schema_version"] == SCHEMA_VERSION
     b = res["branches"][0]
     assert b["name"] == "linux-1.0.y" and b["apply"]["verdict"] == "partial"
     assert [p["status"] for p in b["apply"]["patches"]] == ["applied", "conflict", "skipped"]

@@ -11,7 +11,7 @@ from kpatchtest.apply import ApplyContext, BranchTarget, apply_series
 from kpatchtest.cli import main
 from kpatchtest.gitutil import Git
 from kpatchtest.report import junit, summary, write_all
-from kpatchtest.results import BranchResult, RunResult, load
+from kpatchtest.results import SCHEMA_VERSION, BranchResult, RunResult, load
 from tests.kernelhist import build
 
 
@@ -74,7 +74,7 @@ def test_results_schema_version_mismatch_is_input_error(result, tmp_path, capsys
     r, _ = result
     write_all(r, tmp_path)
     p = tmp_path / "results.json"
-    p.write_text(p.read_text().replace('"schema_version": 1', '"schema_version": 99'))
+    p.write_text(p.read_text().replace(f'"schema_version": {SCHEMA_VERSION}', '"schema_version": 99'))
     assert main(["report", str(p)]) == 2
     assert "schema version 99" in capsys.readouterr().err
 
