@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the pipeline stages of a series spec and write results.json, "
                                    "junit.xml, summary.md and report.html to --out.")
     p.add_argument("spec", help="series spec YAML (e.g. series/demo.yaml)")
-    p.add_argument("--stages", help="comma-separated stages to run (default: fetch,apply)")
+    p.add_argument("--stages", help="comma-separated stages to run (default: all the spec has sections for: fetch,apply,build)")
     p.add_argument("--branch", "-b", action="append", default=[], help="only this branch (repeatable)")
     p.add_argument("--out", "-o", type=Path, default=None, help="run directory (default: out/<spec name>)")
     p.add_argument("--no-hints", action="store_true", help="skip the prerequisite search")
@@ -88,7 +88,7 @@ def cmd_run(args) -> int:
     loaded = load_spec(args.spec)
     opts = RunOptions(out=args.out or Path("out") / loaded.spec.name, cache_dir=args.cache_dir or default_cache_dir(),
                       stages=parse_stages(args.stages), branches=tuple(args.branch), offline=args.offline,
-                      midmask=args.midmask, hints=not args.no_hints)
+                      midmask=args.midmask, hints=not args.no_hints, stages_explicit=bool(args.stages))
     return _run_outcome(run(loaded, opts, Progress(quiet=args.quiet)), args.quiet)
 
 

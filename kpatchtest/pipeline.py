@@ -25,9 +25,10 @@ from kpatchtest.report import write_all
 from kpatchtest.results import ApplyResult, GateResult, RunResult, SeriesInfo, SeriesPatchInfo
 from kpatchtest.series import FetchOptions, fetch_series
 from kpatchtest.spec import GATE_ACCEPTS, LoadedSpec
+from kpatchtest.stages import build_stage
 
-STAGES = ("fetch", "apply")
-FUTURE_STAGES = ("build", "boot", "workloads", "compare")
+STAGES = ("fetch", "apply", "build")
+FUTURE_STAGES = ("boot", "workloads", "compare")
 
 
 @dataclass
@@ -39,6 +40,7 @@ class RunOptions:
     offline: bool = False
     midmask: str | None = None         # overrides the spec's fetch.midmask
     hints: bool = True
+    stages_explicit: bool = False      # --stages given: a stage the spec cannot run is an error
 
 
 def parse_stages(text: str | None) -> tuple[str, ...]:
@@ -132,15 +134,28 @@ def _base_for(series: Series, kernel: ResolvedKernel) -> str | None:
     return kernel.upstream
 
 
+def _build_state(b) -> str:
+    if not b.build:
+        return "not built"
+    p = b.build.patched
+    if p.status != "pass":
+        return f"patched build {p.status}"
+    return f"{len(p.warnings_new)} new warning(s)" if p.warnings_new else "pass"
+
+
 def evaluate_gates(loaded: LoadedSpec, result: RunResult) -> None:
     result.gates = []
+    gates = loaded.spec.gates
     for b in result.branches:
-        level = loaded.spec.gates.apply_level(b.name)
-        if not level:
-            continue
-        actual = b.apply.verdict if b.apply else "error"
-        result.gates.append(GateResult(name="apply", branch=b.name, passed=actual in GATE_ACCEPTS[level],
-                                       expected=level, actual=actual))
+        level = gates.apply_level(b.name)
+        if level:
+            actual = b.apply.verdict if b.apply else "error"
+            result.gates.append(GateResult(name="apply", branch=b.name, passed=actual in GATE_ACCEPTS[level],
+                                           expected=level, actual=actual))
+        if gates.build and "build" in result.stages:
+            actual = _build_state(b)
+            ok = actual == "pass" or (gates.build == "pass" and actual.endswith("new warning(s)"))
+            result.gates.append(GateResult(name="build", branch=b.name, passed=ok, expected=gates.build, actual=actual))
 
 
 def run(loaded: LoadedSpec, opts: RunOptions, progress: Progress | None = None) -> Outcome:
@@ -155,12 +170,18 @@ def run(loaded: LoadedSpec, opts: RunOptions, progress: Progress | None = None) 
                              hint=f"branches there: {', '.join(sorted(known))}")
         branches = [b for b in branches if b.name in opts.branches]
 
-    result = RunResult(tool_version=__version__, name=spec.name, spec=str(loaded.path), started=_now(),
-                       stages=list(opts.stages))
+    result = RunResult(tool_version=__version__, name=spec.name, spec=str(loaded.path), started=_now())
     fetch_opts = FetchOptions(cache_dir=opts.cache_dir, midmask=opts.midmask or spec.fetch.midmask,
                               offline=opts.offline, attestation=spec.fetch.attestation)
+    if "build" in opts.stages and not spec.configs:
+        if opts.stages_explicit:
+            raise InputError(f"{loaded.path}: --stages build needs a configs: section in the spec",
+                             hint="add configs: {base: tinyconfig, fragments: [x86_64-base.config, kvm.config]}")
+        opts.stages = tuple(s for s in opts.stages if s != "build")
+    recipe = build_stage.recipe_for(spec) if "build" in opts.stages else None   # bad fragments: exit 2 now
     if "apply" in opts.stages:
         KernelCache(opts.cache_dir, spec.kernel.repo).preflight(branches)
+    result.stages = list(opts.stages)
     with progress.stage("fetch", 1):
         series = fetch_series(spec.sources, fetch_opts, title=None)
         progress.step(series.title, f"{len(series.patches)} patch(es)")
@@ -169,7 +190,9 @@ def run(loaded: LoadedSpec, opts: RunOptions, progress: Progress | None = None) 
     with OutDir(opts.out) as out:
         (opts.out / "series.mbox").write_text("".join(p.as_mbox() + "\n" for p in series.patches))
         if "apply" in opts.stages:
-            _apply_stage(loaded, opts, series, branches, result, out, progress)
+            kernel = _apply_stage(loaded, opts, series, branches, result, out, progress)
+            if recipe is not None:
+                build_stage.run(kernel, recipe, spec, opts, result, progress)
         result.finished = _now()
         evaluate_gates(loaded, result)
         reports = write_all(result, opts.out)
@@ -182,7 +205,7 @@ def run(loaded: LoadedSpec, opts: RunOptions, progress: Progress | None = None) 
 
 
 def _apply_stage(loaded: LoadedSpec, opts: RunOptions, series: Series, branches, result: RunResult,
-                 out: OutDir, progress: Progress) -> None:
+                 out: OutDir, progress: Progress) -> ResolvedKernel:
     spec = loaded.spec
     cache = KernelCache(opts.cache_dir, spec.kernel.repo)
     with progress.stage("apply", len(branches)):
@@ -214,3 +237,4 @@ def _apply_stage(loaded: LoadedSpec, opts: RunOptions, series: Series, branches,
             br.apply = apply_series(ctx, series, target)
             out.store(key, br.apply.model_dump_json())
             progress.step(b.name, f"{br.apply.verdict} in {br.apply.duration_s:.2f} s")
+    return kernel

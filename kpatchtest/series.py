@@ -678,13 +678,41 @@ def _fetch_mbox(src: MboxSource, opts: FetchOptions) -> _Fetched:
     path = path.resolve()
 
     def produce(tmp: Path) -> None:
+        mbox = _with_message_ids(path, data, tmp)
         cmd = _b4_base_cmd(opts, offline=True) + ["am", "-M", "-n", _NAME, "-o", str(tmp), "-l",
-                                                  "-m", str(path)]
+                                                  "-m", str(mbox)]
         log = _run_b4(cmd, tmp, what)
         _write_meta(tmp, _b4_meta(log, opts, kind="mbox", mbox=str(path),
                                   sha256=hashlib.sha256(data).hexdigest()))
 
     return _fetch_cached(key, what, opts, produce, use_cache=True)
+
+
+def _with_message_ids(path: Path, data: bytes, tmp: Path) -> Path:
+    """b4 threads by Message-Id; plain `git format-patch --stdout` has none. Give such
+    mails deterministic ids, threaded under the first one, in a copy of the mbox."""
+    import mailbox
+
+    box = mailbox.mbox(str(path), create=False)
+    msgs = list(box)
+    box.close()
+    if not msgs or all(m.get("Message-Id") for m in msgs):
+        return path
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    root = None
+    out = mailbox.mbox(str(tmp / "with-message-ids.mbox"))
+    for i, m in enumerate(msgs):
+        if not m.get("Message-Id"):
+            m["Message-Id"] = f"<kpatchtest-{digest}-{i}@localhost>"
+        if root is None:
+            root = m["Message-Id"]
+        elif not m.get("In-Reply-To"):
+            m["In-Reply-To"] = root
+            m["References"] = root
+        out.add(m)
+    out.flush()
+    out.close()
+    return tmp / "with-message-ids.mbox"
 
 
 def _fetch_commits(src: CommitsSource, opts: FetchOptions) -> _Fetched:

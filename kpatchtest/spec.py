@@ -137,7 +137,7 @@ class Spec(_Strict):
     kernel: KernelSpec
     fetch: FetchSpec = Field(default_factory=FetchSpec)
     gates: GatesSpec = Field(default_factory=GatesSpec)
-    configs: ConfigsSpec = Field(default_factory=ConfigsSpec)
+    configs: ConfigsSpec | None = None     # no configs: no build stage
     build: BuildSpec = Field(default_factory=BuildSpec)
     # Reserved for the lab and workload stages (later issues).
     lab: Any = None
@@ -293,9 +293,11 @@ def _resolve_paths(spec: Spec, base: Path) -> None:
     for b in spec.kernel.branches:
         if b.tarball:
             b.tarball = _abs(b.tarball, base)
-    spec.configs.fragments = [resolve_fragment(f, base) for f in spec.configs.fragments]
-    if base_looks_like_file(spec.configs.base):
-        spec.configs.base = _abs(spec.configs.base, base)
+    if spec.configs:
+        from kpatchtest.kconfig import base_kind
+        spec.configs.fragments = [resolve_fragment(f, base) for f in spec.configs.fragments]
+        if base_kind(spec.configs.base) == "file":
+            spec.configs.base = _abs(spec.configs.base, base)
 
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -309,10 +311,6 @@ def resolve_fragment(name: str, base: Path) -> str:
     if (base / p).exists() or "/" in name:
         return str((base / p).resolve())
     return str(CONFIGS_DIR / name)
-
-
-def base_looks_like_file(base: str) -> bool:
-    return "/" in base or base.startswith(".")
 
 
 def load_spec(path: str | Path) -> LoadedSpec:

@@ -36,15 +36,15 @@ def test_junit_is_what_jenkins_reads(result, tmp_path):
     junit.write(r, path)
     root = ET.parse(path).getroot()
     suites = {s.get("name"): s for s in root.iter("testsuite")}
-    assert set(suites) == {"apply linux-1.0.y", "apply linux-9.9.y"}
-    cases = suites["apply linux-1.0.y"].findall("testcase")
+    assert set(suites) == {"linux-1.0.y", "linux-9.9.y"}
+    cases = suites["linux-1.0.y"].findall("testcase")
     assert len(cases) == 4
     failure = cases[1].find("failure")
     assert failure is not None and "tdp_mmu.c (1 hunks)" in failure.get("message")
     assert "needs A and B" in failure.text and "verified" in failure.text
     assert cases[2].find("skipped") is not None and "patch-id" in cases[2].find("skipped").get("message")
     assert cases[0].find("failure") is None and cases[0].find("skipped") is None
-    assert suites["apply linux-9.9.y"].find("testcase/error") is not None
+    assert suites["linux-9.9.y"].find("testcase/error") is not None
 
 
 def test_summary_matrix_and_hints(result):

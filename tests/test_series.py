@@ -330,3 +330,14 @@ def test_patatt_signed_series_passes_and_tampered_fails(lore, opts, tmp_path, pa
     assert "BADSIG" in one_line(ex)
     assert cache_entries(FetchOptions(cache_dir=tmp_path / "other")) == []
     assert cache_entries(opts) == before
+
+
+def test_plain_format_patch_mbox_without_message_ids(lore_repo, opts, tmp_path):
+    """`git format-patch --stdout` without --thread writes no Message-Id; b4 needs them."""
+    mbox = tmp_path / "plain.mbox"
+    mbox.write_text(lore_repo.git("format-patch", "--stdout", f"{lore_repo.v2[0]}~1..{lore_repo.v2[-1]}"))
+    assert "Message-Id" not in mbox.read_text()
+    s = fetch_series([MboxSource(mbox=str(mbox))], opts)
+    subjects = [lore_repo.git("log", "-1", "--format=%s", c).strip() for c in lore_repo.v2]
+    assert [p.subject for p in s.patches] == subjects
+    assert all(p.msgid and p.msgid.startswith("kpatchtest-") for p in s.patches)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kpatchtest.results import BranchResult, PatchResult, RunResult
+from kpatchtest.results import BranchResult, BuildResult, PatchResult, RunResult
 
 
 def patch_cell(p: PatchResult) -> str:
@@ -43,3 +43,51 @@ def cell(b: BranchResult, index: int) -> PatchResult | None:
 def kernel_ref(sha: str, subject: str) -> str:
     """The kernel's way of citing a commit: 12 hex digits and the subject."""
     return f'{sha[:12]} ("{subject}")'
+
+
+def build_cell(r: BuildResult | None, patched: bool = False) -> str:
+    if r is None:
+        return "-"
+    if r.status == "skipped":
+        return "skipped"
+    if r.status == "fail":
+        return "FAIL"
+    parts = ["reused" if r.reused else f"{r.objects_compiled} obj, {r.duration_s:.0f} s"]
+    if patched and r.warnings_new:
+        parts.append(f"{len(r.warnings_new)} NEW WARNING(S)")
+    if r.config_errors:
+        parts.append("CONFIG ERROR")
+    elif r.config_missing:
+        parts.append(f"{len(r.config_missing)} config missing")
+    return "pass (" + ", ".join(parts) + ")"
+
+
+def build_rows(result: RunResult) -> list[tuple[str, list[str]]]:
+    """('build baseline', cells), ('build patched', cells) when any branch was built."""
+    if not any(b.build for b in result.branches):
+        return []
+    return [("build baseline", [build_cell(b.build.baseline if b.build else None) for b in result.branches]),
+            ("build patched", [build_cell(b.build.patched if b.build else None, True) for b in result.branches])]
+
+
+def build_notes(b: BranchResult) -> list[str]:
+    """Plain lines a reviewer needs about a branch's builds."""
+    if not b.build:
+        return []
+    out = []
+    for label, r in (("baseline", b.build.baseline), ("patched", b.build.patched)):
+        if r.status == "skipped" and r.reason:
+            out.append(f"build {label}: skipped, {r.reason}")
+        if r.status == "fail":
+            out.append(f"build {label} FAILED: {r.reason}")
+            out += ["    " + line for line in (r.error_excerpt or "").splitlines()[:12]]
+        out += [f"build {label}: config error: {m}" for m in r.config_errors]
+        if label == "baseline":
+            out += [f"config: {m}" for m in r.config_missing]
+        if r.kernelrelease:
+            out.append(f"build {label}: {r.kernelrelease}" + (f", ccache hits {r.cache_hit_rate:.0%}"
+                                                               if r.cache_hit_rate is not None else ""))
+    out += [f"new warning: {w}" for w in b.build.patched.warnings_new]
+    if b.build.first_bad_patch:
+        out.append(f"first patch that breaks the build: #{b.build.first_bad_patch}")
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 from html import escape
 from pathlib import Path
 
-from kpatchtest.report.cells import branch_verdict, cell, kernel_ref, patch_cell, patch_rows
+from kpatchtest.report.cells import branch_verdict, build_notes, build_rows, cell, kernel_ref, patch_cell, patch_rows
 from kpatchtest.results import RunResult
 
 _CSS = """body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}
@@ -30,10 +30,17 @@ def render(result: RunResult) -> str:
             row += f'<td class="{c.status}" title="{escape(c.detail)}">{escape(patch_cell(c))}</td>' if c else "<td>-</td>"
         h.append(row + "</tr>")
     h.append("<tr><th></th><th>verdict</th>" + "".join(
-        f'<th class="{escape(branch_verdict(b))}">{escape(branch_verdict(b))}</th>' for b in result.branches) + "</tr></table>")
+        f'<th class="{escape(branch_verdict(b))}">{escape(branch_verdict(b))}</th>' for b in result.branches) + "</tr>")
+    for label, cells in build_rows(result):
+        h.append(f"<tr><th></th><th>{escape(label)}</th>" + "".join(
+            f'<td class="{"conflict" if c.startswith("FAIL") or "NEW" in c else "applied"}">{escape(c)}</td>'
+            for c in cells) + "</tr>")
+    h.append("</table>")
     for b in result.branches:
         if b.error:
             h.append(f"<h2>{escape(b.name)}</h2><p class=ERROR>{escape(b.error)}</p>")
+        if build_notes(b):
+            h.append(f"<h2>{escape(b.name)}: builds</h2><pre>{escape(chr(10).join(build_notes(b)))}</pre>")
         if not b.apply:
             continue
         details = []

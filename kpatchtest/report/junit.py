@@ -8,7 +8,7 @@ from pathlib import Path
 from junit_xml import TestCase, TestSuite, to_xml_report_file
 
 from kpatchtest.report.cells import kernel_ref
-from kpatchtest.results import BranchResult, PatchResult, RunResult
+from kpatchtest.results import BranchResult, BuildResult, PatchResult, RunResult
 
 _CTRL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
@@ -36,6 +36,38 @@ def _patch_case(b: BranchResult, p: PatchResult) -> TestCase:
     return tc
 
 
+def _build_case(branch: str, name: str, r: BuildResult) -> TestCase:
+    props = [f"objects_compiled={r.objects_compiled}", f"reused={r.reused}", f"kernelrelease={r.kernelrelease}",
+             f"config_hash={r.config_hash}", f"compiler={r.compiler}"]
+    props += [f"config missing: {m}" for m in r.config_missing]
+    tc = TestCase(name=name, classname=f"build.{branch}", elapsed_sec=r.duration_s, stdout=_clean("\n".join(props)))
+    if r.status == "skipped":
+        tc.add_skipped_info(message=_clean(r.reason or "skipped"))
+    elif r.status == "fail":
+        tc.add_failure_info(message=_clean(r.reason or "build failed"), output=_clean(r.error_excerpt or r.reason))
+    elif r.config_errors:
+        tc.add_failure_info(message=f"{len(r.config_errors)} required config symbol(s) missing",
+                            output=_clean("\n".join(r.config_errors)))
+    return tc
+
+
+def _build_cases(b: BranchResult) -> list[TestCase]:
+    if not b.build:
+        return []
+    cases = [_build_case(b.name, "build baseline", b.build.baseline)]
+    cases += [_build_case(b.name, f"build after patch {p.index:02d}",
+                          BuildResult(status=p.status, reason=p.reason, objects_compiled=p.objects_compiled))
+              for p in b.build.per_patch]
+    cases.append(_build_case(b.name, "build patched", b.build.patched))
+    if b.build.patched.status == "pass":
+        tc = TestCase(name="no new compiler warnings", classname=f"build.{b.name}")
+        if b.build.patched.warnings_new:
+            tc.add_failure_info(message=f"{len(b.build.patched.warnings_new)} new warning(s)",
+                                output=_clean("\n".join(b.build.patched.warnings_new)))
+        cases.append(tc)
+    return cases
+
+
 def render_suites(result: RunResult) -> list[TestSuite]:
     suites = []
     for b in result.branches:
@@ -46,7 +78,8 @@ def render_suites(result: RunResult) -> list[TestSuite]:
             cases.append(tc)
         if b.apply:
             cases += [_patch_case(b, p) for p in b.apply.patches]
-        suites.append(TestSuite(name=f"apply {b.name}", test_cases=cases, package="kpatchtest",
+        cases += _build_cases(b)
+        suites.append(TestSuite(name=b.name, test_cases=cases, package="kpatchtest",
                                 properties={"verdict": b.apply.verdict if b.apply else "error",
                                             "commit": b.commit or ""}))
     if result.gates:

@@ -1,0 +1,1 @@
+"""Pipeline stages that sit on top of fetch and apply (build; later boot, workloads)."""
