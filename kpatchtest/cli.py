@@ -67,6 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-hints", action="store_true", help="skip the prerequisite search")
     _common(p)
 
+    p = sub.add_parser("lab", help="the lab: build the local lab image, clear quarantined hosts",
+                       description="Lab maintenance. `lab image` builds (or finds cached) the local QEMU lab "
+                                   "image; `lab clear [HOST]` lifts a quarantine.")
+    lab = p.add_subparsers(dest="lab_cmd", metavar="ACTION", parser_class=_Parser, required=True)
+    q = lab.add_parser("image", help="build the local lab image (cached)")
+    q.add_argument("--nested", action="store_true", help="include QEMU + SeaBIOS for nested guests")
+    q.add_argument("--cache-dir", type=Path, default=None)
+    q = lab.add_parser("clear", help="lift the quarantine of a host (all hosts without HOST)")
+    q.add_argument("host", nargs="?")
+    q.add_argument("--cache-dir", type=Path, default=None)
+
     p = sub.add_parser("report", help="re-render reports from a results.json",
                        description="Render junit.xml, summary.md and report.html from an existing results.json.")
     p.add_argument("results", type=Path)
@@ -142,7 +153,22 @@ def cmd_report(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "apply": cmd_apply, "fetch": cmd_fetch, "validate": cmd_validate, "report": cmd_report}
+def cmd_lab(args) -> int:
+    cache = args.cache_dir or default_cache_dir()
+    if args.lab_cmd == "image":
+        from kpatchtest.lab.image import build_image
+        image = build_image(cache, nested=args.nested)
+        print(f"{image.initramfs} ({image.initramfs.stat().st_size // 1024} KiB)")
+        print(f"client key: {image.client_key}")
+        print(f"host key: {image.host_public_key}")
+        return EXIT_OK
+    from kpatchtest.lab.hostlock import Quarantine
+    Quarantine(cache / "lab-state" / "quarantine.json").clear(args.host)
+    print(f"quarantine cleared for {args.host or 'all hosts'}")
+    return EXIT_OK
+
+
+COMMANDS = {"lab": cmd_lab, "run": cmd_run, "apply": cmd_apply, "fetch": cmd_fetch, "validate": cmd_validate, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

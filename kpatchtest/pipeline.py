@@ -25,10 +25,13 @@ from kpatchtest.report import write_all
 from kpatchtest.results import ApplyResult, GateResult, RunResult, SeriesInfo, SeriesPatchInfo
 from kpatchtest.series import FetchOptions, fetch_series
 from kpatchtest.spec import GATE_ACCEPTS, LoadedSpec
-from kpatchtest.stages import build_stage
+from kpatchtest.stages import boot_stage, build_stage
 
-STAGES = ("fetch", "apply", "build")
-FUTURE_STAGES = ("boot", "workloads", "compare")
+STAGES = ("fetch", "apply", "build", "boot")
+FUTURE_STAGES = ("workloads", "compare")
+# The spec section a stage needs; without it the stage is left out (or, asked for explicitly, an error).
+NEEDS = {"build": ("configs", "configs: {base: tinyconfig, fragments: [x86_64-base.config, kvm.config]}"),
+         "boot": ("lab", "lab: {name: local}")}
 
 
 @dataclass
@@ -143,6 +146,17 @@ def _build_state(b) -> str:
     return f"{len(p.warnings_new)} new warning(s)" if p.warnings_new else "pass"
 
 
+def _boot_state(b) -> str:
+    patched = [r for r in b.boot if r.build == "patched"]
+    if not patched:
+        return "not booted"
+    bad = [r for r in patched if r.status != "booted"]
+    if bad:
+        return f"patched {bad[0].status} on {bad[0].host}"
+    splats = sum(len(r.splats) for r in patched)
+    return f"booted with {splats} splat(s)" if splats else "booted"
+
+
 def evaluate_gates(loaded: LoadedSpec, result: RunResult) -> None:
     result.gates = []
     gates = loaded.spec.gates
@@ -156,6 +170,10 @@ def evaluate_gates(loaded: LoadedSpec, result: RunResult) -> None:
             actual = _build_state(b)
             ok = actual == "pass" or (gates.build == "pass" and actual.endswith("new warning(s)"))
             result.gates.append(GateResult(name="build", branch=b.name, passed=ok, expected=gates.build, actual=actual))
+        if gates.boot and "boot" in result.stages:
+            actual = _boot_state(b)
+            ok = actual == "booted" or (gates.boot == "booted" and actual.endswith("splat(s)"))
+            result.gates.append(GateResult(name="boot", branch=b.name, passed=ok, expected=gates.boot, actual=actual))
 
 
 def run(loaded: LoadedSpec, opts: RunOptions, progress: Progress | None = None) -> Outcome:
@@ -173,11 +191,14 @@ def run(loaded: LoadedSpec, opts: RunOptions, progress: Progress | None = None) 
     result = RunResult(tool_version=__version__, name=spec.name, spec=str(loaded.path), started=_now())
     fetch_opts = FetchOptions(cache_dir=opts.cache_dir, midmask=opts.midmask or spec.fetch.midmask,
                               offline=opts.offline, attestation=spec.fetch.attestation)
-    if "build" in opts.stages and not spec.configs:
-        if opts.stages_explicit:
-            raise InputError(f"{loaded.path}: --stages build needs a configs: section in the spec",
-                             hint="add configs: {base: tinyconfig, fragments: [x86_64-base.config, kvm.config]}")
-        opts.stages = tuple(s for s in opts.stages if s != "build")
+    for stage, (section, example) in NEEDS.items():
+        if stage in opts.stages and getattr(spec, section) is None:
+            if opts.stages_explicit:
+                raise InputError(f"{loaded.path}: --stages {stage} needs a {section}: section in the spec",
+                                 hint=f"add {example}")
+            opts.stages = tuple(s for s in opts.stages if s != stage)
+    if "boot" in opts.stages and "build" not in opts.stages:
+        raise InputError("--stages boot needs the build stage too", hint="use --stages fetch,apply,build,boot")
     recipe = build_stage.recipe_for(spec) if "build" in opts.stages else None   # bad fragments: exit 2 now
     if "apply" in opts.stages:
         KernelCache(opts.cache_dir, spec.kernel.repo).preflight(branches)
@@ -193,6 +214,8 @@ def run(loaded: LoadedSpec, opts: RunOptions, progress: Progress | None = None) 
             kernel = _apply_stage(loaded, opts, series, branches, result, out, progress)
             if recipe is not None:
                 build_stage.run(kernel, recipe, spec, opts, result, progress)
+            if "boot" in opts.stages:
+                boot_stage.run(spec, loaded.base_dir, opts, result, progress)
         result.finished = _now()
         evaluate_gates(loaded, result)
         reports = write_all(result, opts.out)

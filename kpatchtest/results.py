@@ -4,6 +4,7 @@ Schema history (bump SCHEMA_VERSION on any incompatible change, document it in
 docs/results-schema.md):
   1 - series, branches[].apply (verdict, patches, prerequisites), gates.
   2 - branches[].build (baseline, patched, per-patch builds); patches[].commit.
+  3 - branches[].boot (one record per build and lab host).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)   # 2 only added fields: a version-1 file reads as a run without builds
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)   # later versions only added fields: older files read as runs without them
 
 PatchStatus = Literal["applied", "applied-3way", "already-present", "conflict", "skipped"]
 ApplyMethod = Literal["offset", "3way", "fuzz", "rename"]
@@ -113,6 +114,34 @@ class BranchBuild(_Model):
     first_bad_patch: int | None = None
 
 
+BootStatus = Literal["booted", "boot-failed", "skipped"]
+
+
+class SplatInfo(_Model):
+    kind: str                       # panic, oops, bug, warning, kasan, lockdep, rcu-stall, ...
+    first_lines: list[str]
+    source: str = "console"         # console | dmesg
+
+
+class BootResult(_Model):
+    """One boot of one build on one lab host."""
+
+    build: Literal["baseline", "patched"]
+    status: BootStatus
+    reason: str = ""
+    host: str | None = None
+    method: str | None = None       # kexec | grub-reboot | command
+    duration_s: float = 0.0         # boot command to SSH answering on the new kernel
+    kernelrelease: str | None = None    # what `uname -r` said after the boot
+    expected_release: str | None = None
+    boot_id: str | None = None
+    recovered: bool | None = None   # boot-failed: the power cycle brought the known-good kernel back
+    splats: list[SplatInfo] = Field(default_factory=list)
+    console_log: str | None = None  # paths relative to the run directory
+    dmesg: str | None = None
+    console_excerpt: str | None = None
+
+
 class GateResult(_Model):
     name: str                       # e.g. "apply"
     branch: str | None = None
@@ -127,6 +156,7 @@ class BranchResult(_Model):
     error: str | None = None        # the branch could not be processed (one line)
     apply: ApplyResult | None = None
     build: BranchBuild | None = None
+    boot: list[BootResult] = Field(default_factory=list)
 
 
 class SeriesPatchInfo(_Model):

@@ -97,7 +97,19 @@ class BuildSpec(_Strict):
     make_vars: dict[str, str] = Field(default_factory=dict)
 
 
+class LabRef(_Strict):
+    """Where kernels boot: the local QEMU lab (default) or an inventory in configs/labs/."""
+
+    name: str = "local"             # "local", a configs/labs/<name>.yaml, or a path to one
+    tags: list[str] = Field(default_factory=list)   # only hosts with all these tags (e.g. [amd])
+    kernel: str | None = None       # local lab: the known-good kernel (default: the first baseline build)
+    memory_mb: int = Field(default=1024, ge=256)
+    cpus: int = Field(default=2, ge=1)
+    cmdline: str = ""               # appended to the kernel command line of test kernels
+
+
 BuildGate = Literal["pass", "no-new-warnings"]
+BootGate = Literal["booted", "no-splats"]
 
 
 class GatesSpec(_Strict):
@@ -105,6 +117,7 @@ class GatesSpec(_Strict):
 
     apply: ApplyLevel | dict[str, ApplyLevel] | None = None
     build: BuildGate | None = None  # pass: the patched build passes; no-new-warnings: and adds no warning
+    boot: BootGate | None = None    # booted: the patched kernel booted; no-splats: and logged no splat
 
     def apply_level(self, branch: str) -> str | None:
         if isinstance(self.apply, dict):
@@ -139,8 +152,8 @@ class Spec(_Strict):
     gates: GatesSpec = Field(default_factory=GatesSpec)
     configs: ConfigsSpec | None = None     # no configs: no build stage
     build: BuildSpec = Field(default_factory=BuildSpec)
-    # Reserved for the lab and workload stages (later issues).
-    lab: Any = None
+    lab: LabRef | None = None       # no lab: no boot stage
+    # Reserved for the workload stage (a later issue).
     workloads: Any = None
 
     @property

@@ -19,6 +19,7 @@ from kpatchtest.toolchain import Toolchain
 pytestmark = pytest.mark.slow
 
 TDP = "arch/x86/kvm/mmu/tdp_mmu.c"
+LAB_FRAGMENTS = ["x86_64-base.config", "kvm.config", "lab-qemu.config"]
 X86 = "arch/x86/kvm/x86.c"
 
 
@@ -36,14 +37,16 @@ def commit_change(git: Git, parent: str, path: str, old: str, new: str, msg: str
 
 @pytest.fixture(scope="session")
 def kbuild(debian_trees, kpt_cache, tmp_path_factory):
-    """One cold build of Debian 6.1 (tinyconfig + kvm.config + a fragment with a bogus symbol)."""
+    """One cold build of Debian 6.1 with the local lab's recipe (tinyconfig + x86_64-base + kvm +
+    lab-qemu) plus a fragment with a bogus symbol (which changes nothing in the .config, so the
+    lab fixtures reuse this build)."""
     git, trees = debian_trees
     tmp = tmp_path_factory.mktemp("kbuild")
     for d in ("artifacts", "configs", "build"):     # a kept cache keeps imports and ccache only
         shutil.rmtree(kpt_cache / d, ignore_errors=True)
     extra = tmp / "extra.config"
     extra.write_text("# a symbol no kernel has\nCONFIG_KPATCHTEST_NO_SUCH_SYMBOL=y\n")
-    recipe = ConfigRecipe.from_spec("tinyconfig", [str(CONFIGS_DIR / "kvm.config"), str(extra)],
+    recipe = ConfigRecipe.from_spec("tinyconfig", [str(CONFIGS_DIR / f) for f in LAB_FRAGMENTS] + [str(extra)],
                                     ["KVM", "KVM_AMD", "KPATCHTEST_REQUIRED"])
     logs: list[str] = []
     builder = Builder(git=git, cache_dir=kpt_cache, recipe=recipe, toolchain=Toolchain.detect(), log=logs.append)
@@ -156,7 +159,7 @@ kernel:
     - {{name: debian-6.1, tarball: /usr/src/linux-source-6.1.tar.xz}}
 configs:
   base: tinyconfig
-  fragments: [kvm.config, {k['extra']}]
+  fragments: [x86_64-base.config, kvm.config, lab-qemu.config, {k['extra']}]
   required: [KVM, KVM_AMD, KPATCHTEST_REQUIRED]
 gates:
   build: no-new-warnings

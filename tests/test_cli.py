@@ -109,7 +109,8 @@ def test_lore_msgid_through_b4_adhoc_apply(tmp_path, lore, lore_repo, cache):
 @pytest.mark.parametrize("args, message", [
     (["run", "/nonexistent/spec.yaml"], "spec file not found"),
     (["run", "SPEC", "--stages", "fetch,bake"], "unknown stage 'bake'"),
-    (["run", "SPEC", "--stages", "boot"], "stage 'boot' is not implemented yet"),
+    (["run", "SPEC", "--stages", "workloads"], "stage 'workloads' is not implemented yet"),
+    (["run", "SPEC", "--stages", "fetch,apply,build,boot"], "--stages build needs a configs: section"),
     (["run", "SPEC", "--stages", "fetch,apply,build"], "--stages build needs a configs: section"),
     (["run", "SPEC", "--branch", "linux-7.0.y"], "--branch linux-7.0.y: not a branch of"),
     (["apply", "--repo", "/nonexistent", "--mbox", "MBOX", "--branch", "x"], "kernel.repo /nonexistent: no such directory"),

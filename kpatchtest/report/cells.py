@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kpatchtest.results import BranchResult, BuildResult, PatchResult, RunResult
+from kpatchtest.results import BootResult, BranchResult, BuildResult, PatchResult, RunResult
 
 
 def patch_cell(p: PatchResult) -> str:
@@ -90,4 +90,40 @@ def build_notes(b: BranchResult) -> list[str]:
     out += [f"new warning: {w}" for w in b.build.patched.warnings_new]
     if b.build.first_bad_patch:
         out.append(f"first patch that breaks the build: #{b.build.first_bad_patch}")
+    return out
+
+
+def boot_cell(results: list[BootResult]) -> str:
+    if not results:
+        return "-"
+    parts = []
+    for r in results:
+        if r.status == "booted":
+            parts.append(f"booted {r.duration_s:.0f} s" + (f", {len(r.splats)} SPLAT(S)" if r.splats else ""))
+        elif r.status == "skipped":
+            parts.append("skipped")
+        else:
+            parts.append("BOOT FAILED")
+    return "; ".join(parts)
+
+
+def boot_rows(result: RunResult) -> list[tuple[str, list[str]]]:
+    if not any(b.boot for b in result.branches):
+        return []
+    return [(f"boot {label}", [boot_cell([r for r in b.boot if r.build == label]) for b in result.branches])
+            for label in ("baseline", "patched")]
+
+
+def boot_notes(b: BranchResult) -> list[str]:
+    out = []
+    for r in b.boot:
+        head = f"boot {r.build} on {r.host}: {r.status}"
+        if r.status == "booted":
+            out.append(f"{head} ({r.kernelrelease}, {r.method}, {r.duration_s:.0f} s to SSH)")
+        else:
+            out.append(f"{head}: {r.reason}" + (" (host recovered on its known-good kernel)" if r.recovered else ""))
+            out += ["    " + line for line in (r.console_excerpt or "").splitlines()[-15:]]
+        for s in r.splats:
+            out.append(f"  {s.kind} in {s.source}:")
+            out += ["    " + line for line in s.first_lines[:8]]
     return out

@@ -5,7 +5,8 @@ from __future__ import annotations
 from html import escape
 from pathlib import Path
 
-from kpatchtest.report.cells import branch_verdict, build_notes, build_rows, cell, kernel_ref, patch_cell, patch_rows
+from kpatchtest.report.cells import (boot_notes, boot_rows, branch_verdict, build_notes, build_rows, cell, kernel_ref,
+                                     patch_cell, patch_rows)
 from kpatchtest.results import RunResult
 
 _CSS = """body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}
@@ -31,16 +32,17 @@ def render(result: RunResult) -> str:
         h.append(row + "</tr>")
     h.append("<tr><th></th><th>verdict</th>" + "".join(
         f'<th class="{escape(branch_verdict(b))}">{escape(branch_verdict(b))}</th>' for b in result.branches) + "</tr>")
-    for label, cells in build_rows(result):
+    for label, cells in build_rows(result) + boot_rows(result):
         h.append(f"<tr><th></th><th>{escape(label)}</th>" + "".join(
-            f'<td class="{"conflict" if c.startswith("FAIL") or "NEW" in c else "applied"}">{escape(c)}</td>'
+            f'<td class="{"conflict" if c.startswith("FAIL") or "NEW" in c or "FAILED" in c or "SPLAT" in c else "applied"}">{escape(c)}</td>'
             for c in cells) + "</tr>")
     h.append("</table>")
     for b in result.branches:
         if b.error:
             h.append(f"<h2>{escape(b.name)}</h2><p class=ERROR>{escape(b.error)}</p>")
-        if build_notes(b):
-            h.append(f"<h2>{escape(b.name)}: builds</h2><pre>{escape(chr(10).join(build_notes(b)))}</pre>")
+        notes = build_notes(b) + boot_notes(b)
+        if notes:
+            h.append(f"<h2>{escape(b.name)}: builds and boots</h2><pre>{escape(chr(10).join(notes))}</pre>")
         if not b.apply:
             continue
         details = []

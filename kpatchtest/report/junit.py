@@ -8,7 +8,7 @@ from pathlib import Path
 from junit_xml import TestCase, TestSuite, to_xml_report_file
 
 from kpatchtest.report.cells import kernel_ref
-from kpatchtest.results import BranchResult, BuildResult, PatchResult, RunResult
+from kpatchtest.results import BootResult, BranchResult, BuildResult, PatchResult, RunResult
 
 _CTRL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
@@ -68,6 +68,22 @@ def _build_cases(b: BranchResult) -> list[TestCase]:
     return cases
 
 
+def _boot_case(branch: str, r: BootResult) -> TestCase:
+    lines = [f"host={r.host}", f"method={r.method}", f"kernelrelease={r.kernelrelease}",
+             f"expected={r.expected_release}", f"boot_id={r.boot_id}"]
+    tc = TestCase(name=f"boot {r.build} on {r.host}", classname=f"boot.{branch}", elapsed_sec=r.duration_s,
+                  stdout=_clean("\n".join(lines)))
+    if r.status == "skipped":
+        tc.add_skipped_info(message=_clean(r.reason or "skipped"))
+    elif r.status == "boot-failed":
+        tc.add_failure_info(message=_clean(r.reason or "boot failed"),
+                            output=_clean(r.console_excerpt or r.reason or "no console output"))
+    elif r.splats:
+        tc.add_failure_info(message=f"{len(r.splats)} kernel splat(s): " + ", ".join(s.kind for s in r.splats),
+                            output=_clean("\n\n".join("\n".join(s.first_lines) for s in r.splats)))
+    return tc
+
+
 def render_suites(result: RunResult) -> list[TestSuite]:
     suites = []
     for b in result.branches:
@@ -79,6 +95,7 @@ def render_suites(result: RunResult) -> list[TestSuite]:
         if b.apply:
             cases += [_patch_case(b, p) for p in b.apply.patches]
         cases += _build_cases(b)
+        cases += [_boot_case(b.name, r) for r in b.boot]
         suites.append(TestSuite(name=b.name, test_cases=cases, package="kpatchtest",
                                 properties={"verdict": b.apply.verdict if b.apply else "error",
                                             "commit": b.commit or ""}))

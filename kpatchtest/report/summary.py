@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kpatchtest.report.cells import branch_verdict, build_notes, build_rows, cell, kernel_ref, patch_cell, patch_rows
+from kpatchtest.report.cells import (boot_notes, boot_rows, branch_verdict, build_notes, build_rows, cell, kernel_ref,
+                                     patch_cell, patch_rows)
 from kpatchtest.results import RunResult
 
 
@@ -34,7 +35,7 @@ def render(result: RunResult) -> str:
         short = subject if len(subject) <= 60 else subject[:57] + "..."
         rows.append([str(index), short] + [patch_cell(c) if (c := cell(b, index)) else "-" for b in branches])
     rows.append(["", "verdict"] + [branch_verdict(b) for b in branches])
-    rows += [["", label] + cells for label, cells in build_rows(result)]
+    rows += [["", label] + cells for label, cells in build_rows(result) + boot_rows(result)]
     out += _table(["#", "patch"] + [b.name for b in branches], rows)
     for b in branches:
         notes = []
@@ -55,7 +56,7 @@ def render(result: RunResult) -> str:
             if others:
                 notes.append("  also touched the rejected lines (unverified):")
                 notes += [f"    {kernel_ref(q.commit, q.subject)} [{q.size} lines]" for q in others]
-        notes += ["  " + line for line in build_notes(b)]
+        notes += ["  " + line for line in build_notes(b) + boot_notes(b)]
         if notes:
             out += ["", f"{b.name}:"] + notes
     failed = result.gates_failed()

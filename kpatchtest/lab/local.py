@@ -1,0 +1,43 @@
+"""The local lab as a lab host: a QEMU VM on the known-good kernel, described by the same
+HostSpec as a hardware box (SSH on a loopback port, console command, QMP power cycle)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable, Iterator
+
+from kpatchtest.lab.image import LabImage, build_image
+from kpatchtest.lab.inventory import HostSpec, PowerCommands, Timeouts
+from kpatchtest.lab.qemu import LocalVM, VMConfig
+from kpatchtest.lab.ssh import HostConnection
+
+LOCAL_TIMEOUTS = Timeouts(connect_s=5, boot_s=180, command_s=300, lock_wait_s=600)
+
+
+def local_host(vm: LocalVM, image: LabImage, known_hosts: Path, name: str = "local-0",
+               timeouts: Timeouts = LOCAL_TIMEOUTS) -> HostSpec:
+    """The VM as a lab host; its host key is the image's, pinned in a known_hosts file."""
+    known_hosts.write_text(image.known_hosts_line(vm.ssh_port) + "\n")
+    return HostSpec(name=name, address="127.0.0.1", port=vm.ssh_port, key=str(image.client_key),
+                    known_hosts=str(known_hosts), boot="kexec", initrd=str(image.initramfs),
+                    console=vm.console_command(),
+                    power=PowerCommands(cycle=vm.power_cycle_command(), off=vm.power_off_command()),
+                    timeouts=timeouts, tags=["local", "amd", "svm"])
+
+
+@contextlib.contextmanager
+def local_lab(known_good: Path, cache_dir: Path, work: Path, *, memory_mb: int = 1024, cpus: int = 2,
+              nested: bool = False, log: Callable[[str], None] = lambda m: None) -> Iterator[HostSpec]:
+    """Start the local QEMU lab on the known-good kernel; yield it as a lab host; stop it."""
+    image = build_image(cache_dir, nested=nested)
+    work.mkdir(parents=True, exist_ok=True)
+    vm = LocalVM(work, VMConfig(kernel=known_good, initrd=image.initramfs, memory_mb=memory_mb, cpus=cpus))
+    vm.start()
+    try:
+        host = local_host(vm, image, work / "known_hosts")
+        log(f"local lab: QEMU ({vm.accel}) on {known_good.name}, SSH on 127.0.0.1:{vm.ssh_port}")
+        HostConnection(host, log=log).wait_until_up(host.timeouts.boot_s)
+        yield host
+    finally:
+        vm.stop()
