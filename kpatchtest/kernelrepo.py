@@ -153,7 +153,8 @@ class KernelCache:
             try:
                 if b.tarball:
                     on_branch(b.name, f"importing {b.tarball}")
-                    sha = import_tarball(git, Path(b.tarball), name=b.name).commit  # locks itself
+                    # any branch name: the ref is a slug of it
+                    sha = import_tarball(git, Path(b.tarball), name=slug(b.name)).commit  # locks itself
                 else:
                     on_branch(b.name, "resolving")
                     with locked(self.lock_path):    # ref updates and fetches, one run at a time

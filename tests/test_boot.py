@@ -94,7 +94,8 @@ def test_boot_patched_kernel_and_prove_it(host, patched_kernel, tmp_path):
     console = (run_dir / res.console_log).read_text(errors="replace")
     assert f"Linux version {release}" in console and "Nested Paging enabled" in console
     assert res.splats == []
-    assert "/boot" in (run_dir / "boot/one/host-before.txt").read_text()
+    before = (run_dir / "boot/one/host-before.txt").read_text()
+    assert "## ls -la /boot" in before and "## uname -r" in before and release not in before
     assert not list(tmp_path.rglob("PWNED")) and not Path("PWNED").exists()
 
 

@@ -103,14 +103,16 @@ class Booter:
     # -- deploy -----------------------------------------------------------------
     def _deploy(self, conn: HostConnection, k: KernelToBoot, rel_dir: str) -> tuple[str, str | None]:
         remote = f"{REMOTE_ROOT}/{k.kernelrelease}"
-        before = conn.run(["sh", "-c", "ls -la /boot 2>&1; uname -r; cat /proc/cmdline"], check=False).stdout
+        before = conn.run(["sh", "-c", "echo '## ls -la /boot'; ls -la /boot 2>&1; echo '## uname -r'; uname -r; "
+                           "echo '## /proc/cmdline'; cat /proc/cmdline"], check=False).stdout
         (self.run_dir / rel_dir / "host-before.txt").write_text(before)
         conn.run(["mkdir", "-p", remote])
         conn.put(k.bzimage, f"{remote}/vmlinuz")
         initrd = None
-        if k.initrd:
+        local_initrd = k.initrd or (Path(self.host.initrd).expanduser() if self.host.initrd else None)
+        if local_initrd:    # the build's own, else the host's (e.g. the local lab's userspace)
             initrd = f"{remote}/initrd.img"
-            conn.put(k.initrd, initrd)
+            conn.put(local_initrd, initrd)
         if k.modules:
             conn.put(k.modules, f"{remote}/modules.tar.gz")
             conn.run(["tar", "-xzf", f"{remote}/modules.tar.gz", "-C", "/"])

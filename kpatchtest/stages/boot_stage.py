@@ -50,10 +50,10 @@ def load_lab(ref: LabRef, base_dir: Path) -> LabSpec:
     return LabSpec(name=lab.name, hosts=hosts)
 
 
-def _kernel(build: BuildResult, run_dir: Path, label: str, initrd: Path | None, extra: str) -> KernelToBoot:
+def _kernel(build: BuildResult, run_dir: Path, label: str, extra: str) -> KernelToBoot:
     mods = build.artifacts.get("modules")
     return KernelToBoot(build=label, bzimage=run_dir / build.artifacts["bzImage"], kernelrelease=build.kernelrelease or "",
-                        initrd=initrd, modules=run_dir / mods if mods else None, extra_cmdline=extra)
+                        modules=run_dir / mods if mods else None, extra_cmdline=extra)
 
 
 def _first_baseline(result: RunResult, run_dir: Path) -> Path | None:
@@ -104,7 +104,6 @@ def run(spec: Spec, base_dir: Path, opts, result: RunResult, progress: Progress)
 def _boot_on(host: HostSpec, todo, run_dir: Path, spec: Spec, quarantine: Quarantine, state: Path, owner: str,
              progress: Progress) -> None:
     booter = Booter(host, run_dir, log=progress.log)
-    initrd = Path(host.initrd) if host.initrd else None
     try:
         with local_host_lock(state, host.name, host.timeouts.lock_wait_s):
             for b, label, build in todo:
@@ -113,7 +112,7 @@ def _boot_on(host: HostSpec, todo, run_dir: Path, spec: Spec, quarantine: Quaran
                     conn = HostConnection(host, log=progress.log)
                     conn.open()
                     with remote_host_lock(conn, host.timeouts.lock_wait_s, owner):
-                        res = booter.boot(_kernel(build, run_dir, label, initrd, spec.lab.cmdline if spec.lab else ""), rel)
+                        res = booter.boot(_kernel(build, run_dir, label, spec.lab.cmdline if spec.lab else ""), rel)
                     conn.close()
                 except KpatchtestError as e:
                     res = BootResult(build=label, status="boot-failed", host=host.name, method=host.boot,

@@ -1,0 +1,1 @@
+"""Workloads run on the lab host against the booted kernel under test."""

@@ -1,0 +1,36 @@
+"""The one record shape every workload returns (kvm-unit-tests, SMM-heavy boot, selftests).
+
+A workload is run on a lab host against the booted kernel under test and gives one or
+more WorkloadRecords. Metrics carry one value per repetition; a value that could not be
+measured is None (and `available` False when the whole metric is missing), never 0.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+WorkloadStatus = Literal["pass", "fail", "skip", "error", "timeout"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Metric(_Model):
+    name: str                       # e.g. "cycles", "smm_transitions", "wall_time"
+    unit: str                       # e.g. "cycles", "events", "s"
+    values: list[float | None] = Field(default_factory=list)   # one per repetition; None = unavailable
+    available: bool = True          # False: the probe / counter does not exist on this kernel
+    note: str = ""                  # e.g. "probe kvm_tdp_mmu_get_vcpu_root_hpa not found"
+
+
+class WorkloadRecord(_Model):
+    name: str
+    status: WorkloadStatus
+    metrics: list[Metric] = Field(default_factory=list)
+    logs: list[str] = Field(default_factory=list)   # paths relative to the run directory
+    detail: str = ""
+    duration_s: float = 0.0
+    group: str | None = None        # e.g. "kvm-unit-tests"
