@@ -8,17 +8,16 @@ sits in one bare repository per kernel.repo under the cache directory.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kpatchtest.apply import BranchTarget, slug
 from kpatchtest.errors import GitError, InputError
 from kpatchtest.gitutil import Git
+from kpatchtest.locks import exclusive as locked
 from kpatchtest.spec import BranchSpec
 
 REMOTES = "refs/kpatchtest/remotes"
@@ -43,18 +42,6 @@ class ResolvedKernel:
     targets: list[BranchTarget] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)   # branch name -> one-line error
     upstream: str | None = None
-
-
-@contextmanager
-def locked(path: Path):
-    """An exclusive lock so two runs never fetch or import into one repo at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class KernelCache:

@@ -33,13 +33,13 @@ import tarfile
 import tempfile
 import threading
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
 
 from kpatchtest.errors import GitError, InputError
 from kpatchtest.gitutil import Git
+from kpatchtest.locks import exclusive
 
 IMPORT_PREFIX = "refs/kpatchtest/imports/"
 _TMP_PREFIX = "refs/kpatchtest/tmp/import-"
@@ -103,7 +103,7 @@ def import_tarball(git: Git, tarball: Path, name: str | None = None) -> Imported
         return hit
     if name is not None:
         _check_name(git, name, path)
-    with _locked(gitdir):
+    with exclusive(gitdir / _LOCK):
         hit = _cached(git, gitdir, path, name, key)      # another run may have just done it
         if hit:
             return hit
@@ -224,16 +224,6 @@ def _sha256(path: Path) -> str:
         raise InputError(f"cannot read kernel tarball {path}: {e.strerror}",
                          hint="check the file's permissions") from None
     return h.hexdigest()
-
-
-@contextmanager
-def _locked(gitdir: Path) -> Iterator[None]:
-    fd = os.open(gitdir / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------- import

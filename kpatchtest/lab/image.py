@@ -21,7 +21,6 @@ once per cache dir, in ``cache_dir/lab/keys/``.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import gzip
 import hashlib
 import io
@@ -32,9 +31,10 @@ import shutil
 import stat
 import subprocess
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from kpatchtest.locks import exclusive
 
 __all__ = ["LabImage", "build_image", "IMAGE_FORMAT", "MARKER", "GUEST_ADDRESS", "GUEST_GATEWAY"]
 
@@ -299,17 +299,6 @@ class _Tree:
 
 # -- keys ---------------------------------------------------------------------------------
 
-@contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _run(argv: list[str]) -> str:
     p = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if p.returncode != 0:
@@ -330,7 +319,7 @@ def ensure_keys(keys_dir: Path) -> tuple[Path, Path, str, str]:
 
     Made once per directory: dropbearkey for the host key, ssh-keygen for the client key."""
     host, client = keys_dir / "host_ed25519.dropbear", keys_dir / "client_ed25519"
-    with _locked(keys_dir / ".lock"):
+    with exclusive(keys_dir / ".lock"):
         if not host.exists():
             tmp = host.with_name(host.name + ".tmp")
             tmp.unlink(missing_ok=True)
@@ -412,7 +401,7 @@ def build_image(cache_dir: Path, *, nested: bool = False, log=lambda msg: None) 
     digest = h.hexdigest()[:16]
     out_dir = lab / f"image-{digest}"
     initramfs = out_dir / "initramfs.cpio.gz"
-    with _locked(lab / f".image-{digest}.lock"):
+    with exclusive(lab / f".image-{digest}.lock"):
         if initramfs.exists():
             return LabImage(initramfs, client_key, host_pub, digest, cached=True)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,9 @@ def _default_log(line: str) -> None:
     _logger.info("%s", line)
 
 
+DRAIN_AFTER_EXIT_S = 0.5
+
+
 class LabError(KpatchtestError):
     """A lab host cannot be used as asked.
 
@@ -309,6 +312,7 @@ class HostConnection:
                 chan.exec_command(command)
                 chan.shutdown_write()
                 nap = 0.001
+                drain_until = None
                 while True:
                     busy = False
                     while chan.recv_ready():
@@ -318,7 +322,16 @@ class HostConnection:
                         err += chan.recv_stderr(65536)
                         busy = True
                     if chan.exit_status_ready() and not (chan.recv_ready() or chan.recv_stderr_ready()):
-                        break
+                        # Output still in flight may arrive after the exit status: read on
+                        # until EOF, or a short quiet spell (a background child may hold
+                        # the pipe open and EOF never come).
+                        if chan.eof_received:
+                            break
+                        now = time.monotonic()
+                        if drain_until is None or busy:
+                            drain_until = now + DRAIN_AFTER_EXIT_S
+                        elif now >= drain_until:
+                            break
                     if time.monotonic() >= end:
                         raise socket.timeout()
                     nap = 0.001 if busy else min(nap * 2, 0.05)
