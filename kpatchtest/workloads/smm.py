@@ -25,10 +25,13 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Literal, Protocol, Sequence
 
 from kpatchtest.workloads.bootsector import (EXIT_MOVE_ERROR, EXIT_NO_EDD, EXIT_OK,
                                              EXIT_READ_ERROR, make_boot_image)
+
+if TYPE_CHECKING:
+    from kpatchtest.workloads.probes import ProbeReading
 
 QEMU = "qemu-system-x86_64"
 DEBUG_EXIT_DEVICE = "isa-debug-exit,iobase=0xf4,iosize=0x04"
@@ -278,6 +281,32 @@ class SmmBootRun:
             if status == "error" and r.stderr.strip():
                 detail += ": " + r.stderr.strip().splitlines()[-1][:300]
         return SmmBootResult(code, status, detail, wall, guest_s, stats, r.stdout, r.stderr)
+
+
+@dataclass
+class ProbedBoot:
+    boot: SmmBootResult
+    probes: dict[str, "ProbeReading"]      # metric -> reading (value None = unavailable)
+    probe_log: str                          # setup + collect output, for the record's log
+
+
+def run_probed(runner: Runner, run: SmmBootRun, *, buffer_kb: int | None = None,
+               script_timeout_s: float = 60.0) -> ProbedBoot:
+    """setup_script -> the boot -> collect_script, all as root on the host.
+
+    The collect step runs even when the boot failed or timed out, so the probes are
+    always removed again."""
+    from kpatchtest.workloads import probes as P
+
+    setup = P.setup_script(buffer_kb or P.DEFAULT_BUFFER_KB)
+    s = runner.run(["sh", "-c", setup], timeout=script_timeout_s, check=False)
+    try:
+        boot = run.run(runner)
+    finally:
+        c = runner.run(["sh", "-c", P.collect_script()], timeout=script_timeout_s, check=False)
+    readings = P.read_probes(s.stdout, c.stdout)
+    log = "".join(["# setup\n", s.stdout, s.stderr, "# collect\n", c.stdout, c.stderr])
+    return ProbedBoot(boot, readings, log)
 
 
 def write_image(path: str | os.PathLike[str], reads: int, sectors_per_read: int = 8,
