@@ -64,9 +64,9 @@ def build_lab_kernel(git: Git, commit: str, cache_dir: Path, log=lambda m: None)
         if image.exists():
             return image, release
     builder = Builder(git=git, cache_dir=cache_dir, recipe=recipe, toolchain=toolchain, log=log)
-    # its own build place: the lab config differs from the other tests' config, so sharing
-    # their O= dir would recompile everything on every switch
-    place = BuildPlace.for_branch(cache_dir, git.repo.name.removesuffix(".git"), "lab-kernel")
+    # the place test_build.py's kbuild uses: same tree and same final .config (its extra
+    # fragment only adds a symbol no kernel has), so builds here are incremental or reused
+    place = BuildPlace.for_branch(cache_dir, git.repo.name.removesuffix(".git"), "debian-6.1")
     run_dir = cache_dir / "lab" / "kernel-run"
     res, _ = builder.build(place, commit, "lab kernel", run_dir, "lab")
     if res.status != "pass":
