@@ -137,24 +137,29 @@ def _base_for(series: Series, kernel: ResolvedKernel) -> str | None:
     return kernel.upstream
 
 
-def _build_state(b) -> str:
+# Build and boot states for gates: (what to show, 0 clean / 1 soft problem / 2 failed).
+# The lenient gate level (build: pass, boot: booted) accepts soft problems.
+CLEAN, SOFT, FAILED = 0, 1, 2
+
+
+def _build_state(b) -> tuple[str, int]:
     if not b.build:
-        return "not built"
+        return "not built", FAILED
     p = b.build.patched
     if p.status != "pass":
-        return f"patched build {p.status}"
-    return f"{len(p.warnings_new)} new warning(s)" if p.warnings_new else "pass"
+        return f"patched build {p.status}", FAILED
+    return (f"{len(p.warnings_new)} new warning(s)", SOFT) if p.warnings_new else ("pass", CLEAN)
 
 
-def _boot_state(b) -> str:
+def _boot_state(b) -> tuple[str, int]:
     patched = [r for r in b.boot if r.build == "patched"]
     if not patched:
-        return "not booted"
+        return "not booted", FAILED
     bad = [r for r in patched if r.status != "booted"]
     if bad:
-        return f"patched {bad[0].status} on {bad[0].host}"
+        return f"patched {bad[0].status} on {bad[0].host}", FAILED
     splats = sum(len(r.splats) for r in patched)
-    return f"booted with {splats} splat(s)" if splats else "booted"
+    return (f"booted with {splats} splat(s)", SOFT) if splats else ("booted", CLEAN)
 
 
 def evaluate_gates(loaded: LoadedSpec, result: RunResult) -> None:
@@ -166,14 +171,12 @@ def evaluate_gates(loaded: LoadedSpec, result: RunResult) -> None:
             actual = b.apply.verdict if b.apply else "error"
             result.gates.append(GateResult(name="apply", branch=b.name, passed=actual in GATE_ACCEPTS[level],
                                            expected=level, actual=actual))
-        if gates.build and "build" in result.stages:
-            actual = _build_state(b)
-            ok = actual == "pass" or (gates.build == "pass" and actual.endswith("new warning(s)"))
-            result.gates.append(GateResult(name="build", branch=b.name, passed=ok, expected=gates.build, actual=actual))
-        if gates.boot and "boot" in result.stages:
-            actual = _boot_state(b)
-            ok = actual == "booted" or (gates.boot == "booted" and actual.endswith("splat(s)"))
-            result.gates.append(GateResult(name="boot", branch=b.name, passed=ok, expected=gates.boot, actual=actual))
+        for name, expected, lenient, state in (("build", gates.build, "pass", _build_state),
+                                                ("boot", gates.boot, "booted", _boot_state)):
+            if expected and name in result.stages:
+                actual, severity = state(b)
+                ok = severity == CLEAN or (severity == SOFT and expected == lenient)
+                result.gates.append(GateResult(name=name, branch=b.name, passed=ok, expected=expected, actual=actual))
 
 
 def run(loaded: LoadedSpec, opts: RunOptions, progress: Progress | None = None) -> Outcome:
