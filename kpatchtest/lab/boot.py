@@ -214,8 +214,24 @@ class Booter:
         else:
             res.reason = f"host came back on {res.kernelrelease}, not {k.kernelrelease} (fell back to its default?)"
 
-    def _recover(self, old_boot_id: str) -> bool:
-        if not self._power_cycle():
+    def return_to_known_good(self) -> bool:
+        """Put the host back on its known-good kernel after a test kernel.
+
+        Each test kernel is then booted from the known-good one, never chained from the
+        previous test kernel: a buggy kernel cannot spoil the next boot, and kexec from a
+        kexec'd kernel is not reliable (seen in the local lab: the second `kexec -l`
+        refused with "Invalid memory segment 0x100000 - ...")."""
+        conn = self._connect()
+        try:
+            old = conn.boot_id()
+            if not self.host.power.cycle:
+                conn.start_detached(["reboot"])     # the saved default is the known-good kernel
+        finally:
+            conn.close()
+        return self._recover(old, power_cycle=bool(self.host.power.cycle))
+
+    def _recover(self, old_boot_id: str, power_cycle: bool = True) -> bool:
+        if power_cycle and not self._power_cycle():
             return False
         conn = self._wait_new_boot(old_boot_id, time.monotonic() + self.host.timeouts.boot_s)
         if conn is None:

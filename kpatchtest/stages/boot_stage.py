@@ -75,7 +75,8 @@ def run(spec: Spec, base_dir: Path, opts, result: RunResult, progress: Progress)
     assert ref is not None
     run_dir = Path(opts.out)
     state = Path(opts.cache_dir) / "lab-state"
-    quarantine = Quarantine(state / "quarantine.json")
+    # The local lab is a fresh VM each run: its failures say nothing about the next run.
+    quarantine = Quarantine((run_dir / "lab" if ref.name == "local" else state) / "quarantine.json")
     todo = [(b, label, r) for b in result.branches for label, r in _bootable(b)]
     with progress.stage("boot", len(todo)):
         if not todo:
@@ -118,6 +119,12 @@ def _boot_on(host: HostSpec, todo, run_dir: Path, spec: Spec, quarantine: Quaran
                     res = BootResult(build=label, status="boot-failed", host=host.name, method=host.boot,
                                      reason=str(e), expected_release=build.kernelrelease)
                 b.boot.append(res)
+                if res.status == "booted" or res.recovered is False:
+                    try:
+                        if not booter.return_to_known_good():
+                            progress.log(f"{host.name}: did not come back on its known-good kernel")
+                    except KpatchtestError as e:
+                        progress.log(f"{host.name}: returning to the known-good kernel failed: {e}")
                 if quarantine.record(host.name, res.status == "booted", host.quarantine_after):
                     progress.log(f"{host.name}: {host.quarantine_after} boot failures in a row: quarantined")
                 progress.step(f"{b.name} {label}", f"{res.status} on {host.name} in {res.duration_s:.0f} s"
