@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Callable
 
 from kpatchtest import buildlog, kconfig
-from kpatchtest.errors import InputError
 from kpatchtest.gitutil import Git
-from kpatchtest.kernelrepo import locked
+from kpatchtest.locks import exclusive as locked
 from kpatchtest.results import ApplyResult, BranchBuild, BuildResult, PatchBuild
 from kpatchtest.toolchain import Toolchain
 

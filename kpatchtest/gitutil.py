@@ -35,9 +35,9 @@ class Git:
         env.update(_IDENT)
         env.pop("GIT_DIR", None)
         env.pop("GIT_WORK_TREE", None)
-        env["GIT_INDEX_FILE"] = str(self.index_file) if self.index_file else env.get("GIT_INDEX_FILE", "")
-        if not self.index_file:
-            env.pop("GIT_INDEX_FILE", None)
+        env.pop("GIT_INDEX_FILE", None)     # never the caller's index
+        if self.index_file:
+            env["GIT_INDEX_FILE"] = str(self.index_file)
         env["LC_ALL"] = "C"
         if extra:
             env.update(extra)

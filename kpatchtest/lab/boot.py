@@ -10,8 +10,10 @@ known-good kernel, report the console excerpt.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -59,8 +61,6 @@ class ConsoleCapture:
         if self.proc:
             time.sleep(0.5)     # let the last lines arrive
             try:
-                import os
-                import signal
                 os.killpg(self.proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass

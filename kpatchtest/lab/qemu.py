@@ -301,13 +301,16 @@ class LocalVM:
         self.stop()
 
     # -- lab-box style shell commands ------------------------------------------------------
+    def _qmp_shell(self, command: str) -> str:
+        return shlex.join([sys.executable, "-m", "kpatchtest.lab.qmp", str(self.qmp_socket), command])
+
     def power_cycle_command(self) -> str:
         """A shell command that hard-resets the VM into its known-good kernel."""
-        return shlex.join([sys.executable, "-m", "kpatchtest.lab.qmp", str(self.qmp_socket), "system_reset"])
+        return self._qmp_shell("system_reset")
 
     def power_off_command(self) -> str:
         """A shell command that ends the VM (QMP quit); start() powers it on again."""
-        return shlex.join([sys.executable, "-m", "kpatchtest.lab.qmp", str(self.qmp_socket), "quit"])
+        return self._qmp_shell("quit")
 
     def console_command(self) -> str:
         """A shell command that prints the serial console from now on, until killed."""
