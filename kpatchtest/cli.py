@@ -148,7 +148,7 @@ def cmd_report(args) -> int:
     from kpatchtest.results import load
     result = load(args.results)
     out = args.out or args.results.parent
-    paths = write_all(result, out)
+    paths = write_all(result, out, run_dir=args.results.parent)   # log excerpts live beside results.json
     print("\n".join(str(p) for p in paths))
     return EXIT_OK
 

@@ -26,12 +26,14 @@ from kpatchtest.results import ApplyResult, GateResult, RunResult, SeriesInfo, S
 from kpatchtest.series import FetchOptions, fetch_series
 from kpatchtest.spec import GATE_ACCEPTS, LoadedSpec
 from kpatchtest.stages import boot_stage, build_stage
+from kpatchtest.stages.workloads_stage import Workloads
 
-STAGES = ("fetch", "apply", "build", "boot")
-FUTURE_STAGES = ("workloads", "compare")
+STAGES = ("fetch", "apply", "build", "boot", "workloads")
+FUTURE_STAGES = ("compare",)
 # The spec section a stage needs; without it the stage is left out (or, asked for explicitly, an error).
 NEEDS = {"build": ("configs", "configs: {base: tinyconfig, fragments: [x86_64-base.config, kvm.config]}"),
-         "boot": ("lab", "lab: {name: local}")}
+         "boot": ("lab", "lab: {name: local}"),
+         "workloads": ("workloads", "workloads: {smm_boot: {reads: 200}}")}
 
 
 @dataclass
@@ -162,6 +164,26 @@ def _boot_state(b) -> tuple[str, int]:
     return (f"booted with {splats} splat(s)", SOFT) if splats else ("booted", CLEAN)
 
 
+def _workloads_state(b) -> tuple[str, int]:
+    """Patched failures the baseline shares (same workload, same host) are SOFT: not the series'
+    doing. A failure the baseline did not show, or did not run, counts as new."""
+    patched = [w for w in b.workloads if w.build == "patched"]
+    if not patched:
+        return "workloads not run", FAILED
+    broken = [w for w in patched if w.error]
+    if broken:
+        return broken[0].error, FAILED
+    baseline_bad = {(w.host, r.name) for w in b.workloads if w.build == "baseline" for r in w.records
+                    if r.status not in ("pass", "skip")}
+    failed = sorted({(w.host, r.name) for w in patched for r in w.records if r.status not in ("pass", "skip")})
+    if not failed:
+        return "pass", CLEAN
+    new = [name for host, name in failed if (host, name) not in baseline_bad]
+    if new:
+        return f"{len(new)} new failure(s): {', '.join(new[:5])}", FAILED
+    return f"{len(failed)} failure(s), all failing on baseline too", SOFT
+
+
 def evaluate_gates(loaded: LoadedSpec, result: RunResult) -> None:
     result.gates = []
     gates = loaded.spec.gates
@@ -172,7 +194,8 @@ def evaluate_gates(loaded: LoadedSpec, result: RunResult) -> None:
             result.gates.append(GateResult(name="apply", branch=b.name, passed=actual in GATE_ACCEPTS[level],
                                            expected=level, actual=actual))
         for name, expected, lenient, state in (("build", gates.build, "pass", _build_state),
-                                                ("boot", gates.boot, "booted", _boot_state)):
+                                                ("boot", gates.boot, "booted", _boot_state),
+                                                ("workloads", gates.workloads, "no-new-failures", _workloads_state)):
             if expected and name in result.stages:
                 actual, severity = state(b)
                 ok = severity == CLEAN or (severity == SOFT and expected == lenient)
@@ -202,6 +225,9 @@ def run(loaded: LoadedSpec, opts: RunOptions, progress: Progress | None = None) 
             opts.stages = tuple(s for s in opts.stages if s != stage)
     if "boot" in opts.stages and "build" not in opts.stages:
         raise InputError("--stages boot needs the build stage too", hint="use --stages fetch,apply,build,boot")
+    if "workloads" in opts.stages and "boot" not in opts.stages:
+        raise InputError("--stages workloads needs the boot stage too (workloads run on booted kernels)",
+                         hint="use --stages fetch,apply,build,boot,workloads")
     recipe = build_stage.recipe_for(spec) if "build" in opts.stages else None   # bad fragments: exit 2 now
     if "apply" in opts.stages:
         KernelCache(opts.cache_dir, spec.kernel.repo).preflight(branches)
@@ -218,7 +244,14 @@ def run(loaded: LoadedSpec, opts: RunOptions, progress: Progress | None = None) 
             if recipe is not None:
                 build_stage.run(kernel, recipe, spec, opts, result, progress)
             if "boot" in opts.stages:
-                boot_stage.run(spec, loaded.base_dir, opts, result, progress)
+                workloads = None
+                if "workloads" in opts.stages and spec.workloads is not None:
+                    workloads = Workloads(spec.workloads, opts.out, opts.cache_dir, offline=opts.offline,
+                                          jobs=spec.build.jobs or os.cpu_count() or 2, log=progress.log)
+                    workloads.prepare()
+                boot_stage.run(spec, loaded.base_dir, opts, result, progress,
+                               rounds=spec.workloads.rounds if workloads else 1, after_boot=workloads,
+                               nested=workloads is not None)
         result.finished = _now()
         evaluate_gates(loaded, result)
         reports = write_all(result, opts.out)

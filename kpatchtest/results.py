@@ -5,6 +5,8 @@ docs/results-schema.md):
   1 - series, branches[].apply (verdict, patches, prerequisites), gates.
   2 - branches[].build (baseline, patched, per-patch builds); patches[].commit.
   3 - branches[].boot (one record per build and lab host).
+  4 - branches[].workloads (one run per booted build, host and round, each with
+      WorkloadRecords); boot[].round.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)   # later versions only added fields: older files read as runs without them
+from kpatchtest.workloads.record import WorkloadRecord
+
+SCHEMA_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)   # later versions only added fields: older files read as runs without them
 
 PatchStatus = Literal["applied", "applied-3way", "already-present", "conflict", "skipped"]
 ApplyMethod = Literal["offset", "3way", "fuzz", "rename"]
@@ -128,6 +132,7 @@ class BootResult(_Model):
 
     build: Literal["baseline", "patched"]
     status: BootStatus
+    round: int = 1                  # workloads.rounds: the n-th boot of this build
     reason: str = ""
     host: str | None = None
     method: str | None = None       # kexec | grub-reboot | command
@@ -140,6 +145,19 @@ class BootResult(_Model):
     console_log: str | None = None  # paths relative to the run directory
     dmesg: str | None = None
     console_excerpt: str | None = None
+
+
+class WorkloadRun(_Model):
+    """The workloads run on one boot of one build (baseline/patched) on one host."""
+
+    build: Literal["baseline", "patched"]
+    host: str
+    round: int = 1
+    kernelrelease: str | None = None
+    repetitions: int = 1
+    records: list[WorkloadRecord] = Field(default_factory=list)
+    probes: dict[str, str] = Field(default_factory=dict)   # metric -> the probe that measured it, or why none
+    error: str | None = None        # the workloads could not run at all (one line)
 
 
 class GateResult(_Model):
@@ -157,6 +175,7 @@ class BranchResult(_Model):
     apply: ApplyResult | None = None
     build: BranchBuild | None = None
     boot: list[BootResult] = Field(default_factory=list)
+    workloads: list[WorkloadRun] = Field(default_factory=list)
 
 
 class SeriesPatchInfo(_Model):

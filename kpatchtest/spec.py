@@ -108,8 +108,56 @@ class LabRef(_Strict):
     cmdline: str = ""               # appended to the kernel command line of test kernels
 
 
+KUT_UPSTREAM = "https://gitlab.com/kvm-unit-tests/kvm-unit-tests.git"
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_TEST_NAME = r"^[A-Za-z0-9_.+-]+$"
+
+
+class KutSpec(_Strict):
+    """kvm-unit-tests: built once per (source, ref, arch) on this machine, run on the lab host."""
+
+    source: str = KUT_UPSTREAM      # a git URL or a local checkout
+    ref: str | None = None          # a git URL: default its HEAD; a local checkout: its working tree
+    tests: list[Annotated[str, Field(pattern=_TEST_NAME)]] = Field(default_factory=list)
+    groups: list[Annotated[str, Field(pattern=_TEST_NAME)]] = Field(default_factory=list)
+    env: dict[Annotated[str, Field(pattern=_ENV_NAME)], str] = Field(default_factory=dict)  # ACCEL, QEMU, TIMEOUT, MACHINE
+    timeout_s: float = Field(default=1800, gt=0)    # the whole run_tests.sh call
+    tap: bool = False               # parse -t (TAP 13) output instead of the plain lines; logs are read either way
+
+
+class SmmBootSpec(_Strict):
+    """The SMM-heavy boot: a nested SeaBIOS guest doing `reads` BIOS disk reads on q35,smm=on."""
+
+    reads: int = Field(default=200, ge=1, le=0xFFFF)
+    sectors_per_read: int = Field(default=8, ge=1, le=127)
+    spread_mb: int = Field(default=0, ge=0, le=512)     # MB the guest copies reads across (working set)
+    disk: Literal["ahci", "ide"] = "ahci"               # ahci: SeaBIOS drives it from SMM; ide: control
+    timeout_s: float = Field(default=120, gt=0)         # per nested boot
+    probes: bool = True             # count SMM transitions and TDP MMU roots with tracefs on the host
+
+
+class WorkloadsSpec(_Strict):
+    """What runs on each booted kernel, before the host goes back to its known-good kernel.
+
+    `rounds` boots each build that many times, baseline and patched alternating
+    (B1 P1 B2 P2 ...), so drift in the lab hits both sides alike; `repetitions` runs
+    each workload that many times per boot."""
+
+    rounds: int = Field(default=1, ge=1, le=50)
+    repetitions: int = Field(default=3, ge=1, le=1000)
+    kvm_unit_tests: KutSpec | None = None
+    smm_boot: SmmBootSpec | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> "WorkloadsSpec":
+        if self.kvm_unit_tests is None and self.smm_boot is None:
+            raise ValueError("name at least one workload: kvm_unit_tests or smm_boot")
+        return self
+
+
 BuildGate = Literal["pass", "no-new-warnings"]
 BootGate = Literal["booted", "no-splats"]
+WorkloadGate = Literal["pass", "no-new-failures"]
 
 
 class GatesSpec(_Strict):
@@ -118,6 +166,8 @@ class GatesSpec(_Strict):
     apply: ApplyLevel | dict[str, ApplyLevel] | None = None
     build: BuildGate | None = None  # pass: the patched build passes; no-new-warnings: and adds no warning
     boot: BootGate | None = None    # booted: the patched kernel booted; no-splats: and logged no splat
+    # pass: every patched workload passes (or skips); no-new-failures: none fails that passed on baseline
+    workloads: WorkloadGate | None = None
 
     def apply_level(self, branch: str) -> str | None:
         if isinstance(self.apply, dict):
@@ -153,8 +203,7 @@ class Spec(_Strict):
     configs: ConfigsSpec | None = None     # no configs: no build stage
     build: BuildSpec = Field(default_factory=BuildSpec)
     lab: LabRef | None = None       # no lab: no boot stage
-    # Reserved for the workload stage (a later issue).
-    workloads: Any = None
+    workloads: WorkloadsSpec | None = None  # no workloads: boots only
 
     @property
     def sources(self) -> list[Source]:
@@ -311,6 +360,9 @@ def _resolve_paths(spec: Spec, base: Path) -> None:
         spec.configs.fragments = [resolve_fragment(f, base) for f in spec.configs.fragments]
         if base_kind(spec.configs.base) == "file":
             spec.configs.base = _abs(spec.configs.base, base)
+    kut = spec.workloads.kvm_unit_tests if spec.workloads else None
+    if kut and _is_local(kut.source):
+        kut.source = _abs(kut.source, base)
 
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"

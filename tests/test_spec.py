@@ -51,6 +51,11 @@ def test_good_spec_resolves_paths_relative_to_the_spec(tmp_path):
     ("name: x\nseries: [\n", "s.yaml:3: malformed YAML"),
     ("- just a list\n", "s.yaml:1: expected a mapping at the top level; found CommentedSeq"),
     (GOOD.replace("  repo: ../linux\n", ""), "s.yaml:6: kernel: kernel.repo is required unless every branch names a tarball"),
+    (GOOD + "workloads: {}\n", "s.yaml:14: workloads: name at least one workload: kvm_unit_tests or smm_boot"),
+    (GOOD + "workloads:\n  smm_boot: {reeds: 5}\n", "s.yaml:15: workloads.smm_boot.reeds: unknown key"),
+    (GOOD + "workloads:\n  smm_boot: {reads: 0}\n", "workloads.smm_boot.reads: input should be greater than or equal to 1"),
+    (GOOD + "workloads:\n  kvm_unit_tests: {env: {'A B': x}}\n", "workloads.kvm_unit_tests.env"),
+    (GOOD + "workloads:\n  kvm_unit_tests: {tests: ['access; rm -rf /']}\n", "workloads.kvm_unit_tests.tests[0]"),
 ])
 def test_bad_specs_give_one_located_line(tmp_path, text, expected):
     with pytest.raises(InputError) as e:
@@ -58,6 +63,21 @@ def test_bad_specs_give_one_located_line(tmp_path, text, expected):
     msg = str(e.value)
     assert expected in msg, msg
     assert "\n" not in msg and "Traceback" not in msg
+
+
+def test_workloads_section(tmp_path):
+    text = GOOD.replace("  apply: {default: clean, linux-6.1.y: partial}\n", "  workloads: no-new-failures\n") + ("workloads:\n  rounds: 2\n  repetitions: 5\n"
+                   "  kvm_unit_tests: {source: ../kvm-unit-tests, tests: [access, vmexit_cr0_wp], env: {ACCEL: kvm}}\n"
+                   "  smm_boot: {reads: 400, spread_mb: 16}\n"
+                   )
+    w = parse_spec(text, tmp_path / "s.yaml").spec
+    assert w.gates.workloads == "no-new-failures"
+    wl = w.workloads
+    assert (wl.rounds, wl.repetitions, wl.smm_boot.reads, wl.smm_boot.spread_mb, wl.smm_boot.disk) == (2, 5, 400, 16, "ahci")
+    assert wl.kvm_unit_tests.source == str((tmp_path / "../kvm-unit-tests").resolve())   # relative to the spec
+    assert wl.kvm_unit_tests.tests == ["access", "vmexit_cr0_wp"]
+    url = parse_spec(GOOD + "workloads: {kvm_unit_tests: {}}\n", tmp_path / "s.yaml").spec.workloads.kvm_unit_tests
+    assert url.source.startswith("https://") and url.ref is None          # the upstream repository by default
 
 
 def test_missing_file(tmp_path):

@@ -1,4 +1,6 @@
-"""Short per-patch and per-branch labels shared by the summary and HTML reports."""
+"""Short per-patch and per-branch labels shared by the summary and HTML reports.
+
+Workload lines (aggregation over rounds, medians, status counts) are in workload_cells."""
 
 from __future__ import annotations
 
@@ -116,8 +118,9 @@ def boot_rows(result: RunResult) -> list[tuple[str, list[str]]]:
 
 def boot_notes(b: BranchResult) -> list[str]:
     out = []
+    rounds = any(r.round > 1 for r in b.boot)
     for r in b.boot:
-        head = f"boot {r.build} on {r.host}: {r.status}"
+        head = f"boot {r.build} on {r.host}" + (f" round {r.round}" if rounds else "") + f": {r.status}"
         if r.status == "booted":
             out.append(f"{head} ({r.kernelrelease}, {r.method}, {r.duration_s:.0f} s to SSH)")
         else:

@@ -1,4 +1,4 @@
-"""summary.md: the patches x branches matrix and prerequisite hints, for a mail reply.
+"""summary.md: the patches x branches matrix, prerequisite hints, builds, boots and workloads, for a mail reply.
 
 Plain ASCII, columns padded, so it reads the same in a mail client as rendered.
 """
@@ -9,7 +9,13 @@ from pathlib import Path
 
 from kpatchtest.report.cells import (boot_notes, boot_rows, branch_verdict, build_notes, build_rows, cell, kernel_ref,
                                      patch_cell, patch_rows)
+from kpatchtest.report.workload_cells import workload_notes, workload_rows
 from kpatchtest.results import RunResult
+
+
+def _ascii(line: str) -> str:
+    """Workload names and details come from logs: keep the mail plain ASCII."""
+    return line.encode("ascii", "replace").decode("ascii")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -35,7 +41,7 @@ def render(result: RunResult) -> str:
         short = subject if len(subject) <= 60 else subject[:57] + "..."
         rows.append([str(index), short] + [patch_cell(c) if (c := cell(b, index)) else "-" for b in branches])
     rows.append(["", "verdict"] + [branch_verdict(b) for b in branches])
-    rows += [["", label] + cells for label, cells in build_rows(result) + boot_rows(result)]
+    rows += [["", label] + cells for label, cells in build_rows(result) + boot_rows(result) + workload_rows(result)]
     out += _table(["#", "patch"] + [b.name for b in branches], rows)
     for b in branches:
         notes = []
@@ -57,6 +63,7 @@ def render(result: RunResult) -> str:
                 notes.append("  also touched the rejected lines (unverified):")
                 notes += [f"    {kernel_ref(q.commit, q.subject)} [{q.size} lines]" for q in others]
         notes += ["  " + line for line in build_notes(b) + boot_notes(b)]
+        notes += ["  " + _ascii(line) for line in workload_notes(b)]
         if notes:
             out += ["", f"{b.name}:"] + notes
     failed = result.gates_failed()

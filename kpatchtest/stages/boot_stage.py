@@ -10,6 +10,7 @@ import contextlib
 import getpass
 import os
 from pathlib import Path
+from typing import Protocol
 
 import yaml
 from pydantic import ValidationError
@@ -70,14 +71,26 @@ def _bootable(b: BranchResult) -> list[tuple[str, BuildResult]]:
             if r.status == "pass" and "bzImage" in r.artifacts]
 
 
-def run(spec: Spec, base_dir: Path, opts, result: RunResult, progress: Progress) -> None:
+class AfterBoot(Protocol):
+    """What runs on a booted kernel under test before the host goes back (the workloads)."""
+
+    def run(self, host: HostSpec, branch: BranchResult, boot: BootResult) -> None: ...
+
+    def not_run(self, host: HostSpec, branch: BranchResult, boot: BootResult, reason: str) -> None: ...
+
+
+def run(spec: Spec, base_dir: Path, opts, result: RunResult, progress: Progress, *,
+        rounds: int = 1, after_boot: AfterBoot | None = None, nested: bool = False) -> None:
+    """Boot every build `rounds` times, baseline and patched alternating per branch
+    (B1 P1 B2 P2 ...); `after_boot` runs on each booted kernel (the workloads).
+    `nested`: the local lab's image carries QEMU and SeaBIOS for nested guests."""
     ref = spec.lab
     assert ref is not None
     run_dir = Path(opts.out)
     state = Path(opts.cache_dir) / "lab-state"
     # The local lab is a fresh VM each run: its failures say nothing about the next run.
     quarantine = Quarantine((run_dir / "lab" if ref.name == "local" else state) / "quarantine.json")
-    todo = [(b, label, r) for b in result.branches for label, r in _bootable(b)]
+    todo = [(b, label, r, n) for b in result.branches for n in range(1, rounds + 1) for label, r in _bootable(b)]
     with progress.stage("boot", len(todo)):
         if not todo:
             progress.log("nothing built to boot")
@@ -87,7 +100,8 @@ def run(spec: Spec, base_dir: Path, opts, result: RunResult, progress: Progress)
                 known_good = Path(ref.kernel) if ref.kernel else _first_baseline(result, run_dir)
                 assert known_good is not None
                 hosts = [stack.enter_context(local_lab(known_good, Path(opts.cache_dir), run_dir / "lab",
-                                                       memory_mb=ref.memory_mb, cpus=ref.cpus, log=progress.log))]
+                                                       memory_mb=ref.memory_mb, cpus=ref.cpus, nested=nested,
+                                                       log=progress.log))]
             else:
                 hosts = load_lab(ref, base_dir).hosts
             owner = f"{getpass.getuser()}@{os.uname().nodename} pid {os.getpid()} run {result.name}"
@@ -95,20 +109,33 @@ def run(spec: Spec, base_dir: Path, opts, result: RunResult, progress: Progress)
                 if quarantine.is_quarantined(host.name):
                     progress.log(f"{host.name}: quarantined after repeated boot failures, skipped "
                                  f"(clear with: kpatchtest lab clear {host.name})")
-                    for b, label, _ in todo:
-                        b.boot.append(BootResult(build=label, status="skipped", host=host.name,
+                    for b, label, _, n in todo:
+                        b.boot.append(BootResult(build=label, status="skipped", host=host.name, round=n,
                                                  reason="host quarantined"))
                     continue
-                _boot_on(host, todo, run_dir, spec, quarantine, state, owner, progress)
+                _boot_on(host, todo, run_dir, spec, quarantine, state, owner, progress, after_boot)
+
+
+def _after_boot(host: HostSpec, b: BranchResult, res: BootResult, after_boot: AfterBoot, owner: str,
+                progress: Progress) -> None:
+    """The workloads, under the host's lock again (the reboot ended the channel that held it)."""
+    try:
+        with HostConnection(host, log=progress.log) as conn:
+            conn.open()
+            with remote_host_lock(conn, host.timeouts.lock_wait_s, owner):
+                after_boot.run(host, b, res)
+    except KpatchtestError as e:
+        progress.log(f"{host.name}: workloads not run on {b.name} {res.build}: {e}")
+        after_boot.not_run(host, b, res, str(e))
 
 
 def _boot_on(host: HostSpec, todo, run_dir: Path, spec: Spec, quarantine: Quarantine, state: Path, owner: str,
-             progress: Progress) -> None:
+             progress: Progress, after_boot: AfterBoot | None) -> None:
     booter = Booter(host, run_dir, log=progress.log)
     try:
         with local_host_lock(state, host.name, host.timeouts.lock_wait_s):
-            for b, label, build in todo:
-                rel = f"boot/{slug(b.name)}/{label}/{slug(host.name)}"
+            for b, label, build, n in todo:
+                rel = f"boot/{slug(b.name)}/{label}{f'-r{n}' if n > 1 else ''}/{slug(host.name)}"
                 try:
                     conn = HostConnection(host, log=progress.log)
                     conn.open()
@@ -118,7 +145,10 @@ def _boot_on(host: HostSpec, todo, run_dir: Path, spec: Spec, quarantine: Quaran
                 except KpatchtestError as e:
                     res = BootResult(build=label, status="boot-failed", host=host.name, method=host.boot,
                                      reason=str(e), expected_release=build.kernelrelease)
+                res.round = n
                 b.boot.append(res)
+                if res.status == "booted" and after_boot is not None:
+                    _after_boot(host, b, res, after_boot, owner, progress)
                 if res.status == "booted" or res.recovered is False:
                     try:
                         if not booter.return_to_known_good():
@@ -127,9 +157,9 @@ def _boot_on(host: HostSpec, todo, run_dir: Path, spec: Spec, quarantine: Quaran
                         progress.log(f"{host.name}: returning to the known-good kernel failed: {e}")
                 if quarantine.record(host.name, res.status == "booted", host.quarantine_after):
                     progress.log(f"{host.name}: {host.quarantine_after} boot failures in a row: quarantined")
-                progress.step(f"{b.name} {label}", f"{res.status} on {host.name} in {res.duration_s:.0f} s"
+                progress.step(f"{b.name} {label}" + (f" round {n}" if n > 1 else ""), f"{res.status} on {host.name} in {res.duration_s:.0f} s"
                               + (f" ({res.reason})" if res.reason else "")
                               + (f", {len(res.splats)} splat(s)" if res.splats else ""))
     except KpatchtestError as e:      # host busy past the wait
-        for b, label, build in todo:
-            b.boot.append(BootResult(build=label, status="skipped", host=host.name, reason=str(e)))
+        for b, label, build, n in todo:
+            b.boot.append(BootResult(build=label, status="skipped", host=host.name, round=n, reason=str(e)))

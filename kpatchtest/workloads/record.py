@@ -34,3 +34,11 @@ class WorkloadRecord(_Model):
     detail: str = ""
     duration_s: float = 0.0
     group: str | None = None        # e.g. "kvm-unit-tests"
+
+
+_SEVERITY = {"pass": 0, "skip": 1, "fail": 2, "timeout": 3, "error": 4}
+
+
+def worst_status(statuses: list[WorkloadStatus] | list[str]) -> WorkloadStatus:
+    """The status of a set of runs: any error > timeout > fail > skip > pass; nothing ran -> skip."""
+    return max(statuses, key=lambda s: _SEVERITY[s], default="skip")  # type: ignore[return-value]

@@ -1,0 +1,98 @@
+"""The workloads stage: on each booted kernel under test, before the host goes back.
+
+Prepared once per run (kvm-unit-tests built on this machine, the SMM boot image
+written), then run by the boot stage on every boot (see boot_stage.AfterBoot): one
+WorkloadRun per build, host and round, appended to the branch's results.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from kpatchtest.apply import slug
+from kpatchtest.errors import KpatchtestError
+from kpatchtest.lab.inventory import HostSpec
+from kpatchtest.lab.ssh import HostConnection
+from kpatchtest.results import BootResult, BranchResult, WorkloadRun
+from kpatchtest.spec import WorkloadsSpec
+from kpatchtest.workloads import kut
+from kpatchtest.workloads.record import WorkloadRecord
+from kpatchtest.workloads.smm_boot import image_for, run_smm_boot
+
+REMOTE_KUT = "/var/tmp/kpatchtest/kvm-unit-tests"
+
+
+class Workloads:
+    """The spec's workloads, ready to run on any booted kernel."""
+
+    def __init__(self, spec: WorkloadsSpec, run_dir: Path, cache_dir: Path, *, offline: bool = False,
+                 jobs: int = 2, log: Callable[[str], None] = lambda m: None):
+        self.spec = spec
+        self.run_dir = run_dir
+        self.cache_dir = cache_dir
+        self.offline = offline
+        self.jobs = jobs
+        self.log = log
+        self.kut_tree: Path | None = None
+        self.kut_error = ""
+        self.smm_image: Path | None = None
+
+    def prepare(self) -> None:
+        """Build kvm-unit-tests once (cached by source, arch and compiler); write the boot image.
+
+        A kvm-unit-tests source that cannot be had is reported on every run's records,
+        not raised: the SMM boot and the boots themselves still have something to say."""
+        k = self.spec.kvm_unit_tests
+        if k is not None:
+            try:
+                source = kut.kut_source(k.source, k.ref, self.cache_dir / "kvm-unit-tests", offline=self.offline)
+                self.log(f"kvm-unit-tests: building {source}")
+                self.kut_tree = kut.build_kut(source, self.cache_dir / "kvm-unit-tests", jobs=self.jobs)
+                self.log(f"kvm-unit-tests: built {self.kut_tree.name}")
+            except KpatchtestError as e:
+                self.kut_error = str(e)
+                self.log(f"kvm-unit-tests: {e}")
+        if self.spec.smm_boot is not None:
+            self.smm_image = image_for(self.spec.smm_boot, self.run_dir / "workloads")
+
+    # -- boot_stage.AfterBoot -----------------------------------------------------------
+    def run(self, host: HostSpec, branch: BranchResult, boot: BootResult) -> None:
+        wr = self._new_run(host, boot)
+        out = self.run_dir / "workloads" / slug(branch.name) / f"{boot.build}-r{boot.round}" / slug(host.name)
+        out.mkdir(parents=True, exist_ok=True)
+        say = lambda m: self.log(f"{branch.name} {boot.build}: {m}")  # noqa: E731
+        conn = HostConnection(host, log=self.log)
+        try:
+            conn.open()
+            if self.spec.kvm_unit_tests is not None:
+                wr.records += self._kvm_unit_tests(conn, out, say)
+            if self.spec.smm_boot is not None and self.smm_image is not None:
+                record, wr.probes = run_smm_boot(conn, self.spec.smm_boot, self.smm_image, self.spec.repetitions,
+                                                 out / "smm-boot", self.run_dir, log=say)
+                wr.records.append(record)
+        except KpatchtestError as e:
+            wr.error = f"{host.name}: {e}"
+            say(f"workloads stopped: {e}")
+        finally:
+            conn.close()
+        branch.workloads.append(wr)
+
+    def not_run(self, host: HostSpec, branch: BranchResult, boot: BootResult, reason: str) -> None:
+        wr = self._new_run(host, boot)
+        wr.error = f"{host.name}: not run: {reason}"
+        branch.workloads.append(wr)
+
+    def _new_run(self, host: HostSpec, boot: BootResult) -> WorkloadRun:
+        return WorkloadRun(build=boot.build, host=host.name, round=boot.round, kernelrelease=boot.kernelrelease,
+                           repetitions=self.spec.repetitions)
+
+    def _kvm_unit_tests(self, conn: HostConnection, out: Path, say: Callable[[str], None]) -> list[WorkloadRecord]:
+        k = self.spec.kvm_unit_tests
+        assert k is not None
+        if self.kut_tree is None:
+            return [WorkloadRecord(name="kvm-unit-tests", status="error", group=kut.GROUP,
+                                   detail=f"not built: {self.kut_error}")]
+        kut.deploy_kut(conn, self.kut_tree, REMOTE_KUT)
+        return kut.run_kut(conn, REMOTE_KUT, list(k.tests), list(k.groups), dict(k.env), k.timeout_s,
+                           out / "kvm-unit-tests", tap=k.tap, run_dir=self.run_dir, log=say)
