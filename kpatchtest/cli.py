@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the pipeline stages of a series spec and write results.json, "
                                    "junit.xml, summary.md and report.html to --out.")
     p.add_argument("spec", help="series spec YAML (e.g. series/demo.yaml)")
-    p.add_argument("--stages", help="comma-separated stages to run (default: all the spec has sections for: fetch,apply,build)")
+    p.add_argument("--stages", help="comma-separated stages to run (default: all the spec has sections for: fetch,apply,build,boot,workloads)")
     p.add_argument("--branch", "-b", action="append", default=[], help="only this branch (repeatable)")
     p.add_argument("--out", "-o", type=Path, default=None, help="run directory (default: out/<spec name>)")
     p.add_argument("--no-hints", action="store_true", help="skip the prerequisite search")

@@ -37,7 +37,7 @@ from kpatchtest.gitutil import Git
 from kpatchtest.spec import CONFIGS_DIR
 
 __all__ = ["LAB_FRAGMENTS", "SSH", "build_lab_kernel", "lab_image", "lab_kernel", "lab_ssh", "local_vm",
-           "need_image_tools", "wait_for_ssh"]
+           "need_image_tools", "trace_kernel", "wait_for_ssh"]
 
 LAB_FRAGMENTS = ("x86_64-base.config", "kvm.config", "lab-qemu.config")
 # What the lab VM needs from the kernel config; checked on the built .config.
@@ -48,10 +48,14 @@ LAB_REQUIRED = ("64BIT", "SERIAL_8250_CONSOLE", "BLK_DEV_INITRD", "RD_GZIP", "DE
 SSH_BOOT_TIMEOUT_S = float(os.environ.get("KPATCHTEST_LAB_BOOT_TIMEOUT", "180"))
 
 
-def build_lab_kernel(git: Git, commit: str, cache_dir: Path, log=lambda m: None) -> tuple[Path, str]:
-    """Build (or reuse) the lab kernel for `commit`; returns (bzImage copy, kernelrelease)."""
+def build_lab_kernel(git: Git, commit: str, cache_dir: Path, log=lambda m: None, *,
+                     fragments: tuple[str, ...] = LAB_FRAGMENTS, place: str = "debian-6.1") -> tuple[Path, str]:
+    """Build (or reuse) the lab kernel for `commit`; returns (bzImage copy, kernelrelease).
+
+    Another fragment list (e.g. + kvm-trace.config) wants its own `place` (build dir), so
+    that the two configs do not rebuild each other's objects."""
     from kpatchtest.toolchain import Toolchain
-    recipe = ConfigRecipe.from_spec("tinyconfig", [str(CONFIGS_DIR / f) for f in LAB_FRAGMENTS], list(LAB_REQUIRED))
+    recipe = ConfigRecipe.from_spec("tinyconfig", [str(CONFIGS_DIR / f) for f in fragments], list(LAB_REQUIRED))
     toolchain = Toolchain.detect()
     # The copy below is indexed by what identifies the build (the tree, the recipe, the
     # toolchain; the final .config follows from them), so a session whose other tests
@@ -66,9 +70,9 @@ def build_lab_kernel(git: Git, commit: str, cache_dir: Path, log=lambda m: None)
     builder = Builder(git=git, cache_dir=cache_dir, recipe=recipe, toolchain=toolchain, log=log)
     # the place test_build.py's kbuild uses: same tree and same final .config (its extra
     # fragment only adds a symbol no kernel has), so builds here are incremental or reused
-    place = BuildPlace.for_branch(cache_dir, git.repo.name.removesuffix(".git"), "debian-6.1")
+    build_place = BuildPlace.for_branch(cache_dir, git.repo.name.removesuffix(".git"), place)
     run_dir = cache_dir / "lab" / "kernel-run"
-    res, _ = builder.build(place, commit, "lab kernel", run_dir, "lab")
+    res, _ = builder.build(build_place, commit, "lab kernel", run_dir, "lab")
     if res.status != "pass":
         raise RuntimeError(f"lab kernel build failed: {res.reason}\n{res.error_excerpt or ''}")
     if res.config_errors:
@@ -98,6 +102,19 @@ def lab_kernel(debian_trees, kpt_cache) -> Path:
     path, release = build_lab_kernel(git, trees["6.1"].commit, kpt_cache, log=print)
     print(f"lab kernel {release}: {path} ({time.monotonic() - t0:.1f} s)")
     return path
+
+
+@pytest.fixture(scope="session")
+def trace_kernel(debian_trees, kpt_cache) -> tuple[Path, str]:
+    """The lab kernel plus kvm-trace.config (kprobes, tracepoints, debugfs): what the
+    SMM-heavy boot needs to count SMM transitions and TDP MMU roots. One more cold build."""
+    _need_qemu()
+    git, trees = debian_trees
+    t0 = time.monotonic()
+    path, release = build_lab_kernel(git, trees["6.1"].commit, kpt_cache, log=print,
+                                     fragments=(*LAB_FRAGMENTS, "kvm-trace.config"), place="debian-6.1-trace")
+    print(f"trace kernel {release}: {path} ({time.monotonic() - t0:.1f} s)")
+    return path, release
 
 
 def need_image_tools() -> None:

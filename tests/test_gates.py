@@ -39,3 +39,31 @@ def test_lenient_and_strict_levels(tmp_path, build_gate, boot_gate, warnings, bo
     evaluate_gates(loaded, r)
     assert [g.passed for g in r.gates] == expected
     assert [g.name for g in r.gates] == ["build", "boot"]
+
+
+def workload_run(build: str, statuses: dict[str, str], error: str | None = None):
+    from kpatchtest.results import WorkloadRun
+    from kpatchtest.workloads.record import WorkloadRecord
+    return WorkloadRun(build=build, host="h", error=error,
+                       records=[WorkloadRecord(name=n, status=s) for n, s in statuses.items()])
+
+
+@pytest.mark.parametrize("gate, baseline, patched, error, passed, actual", [
+    ("pass", {"access": "pass"}, {"access": "pass", "smm-boot": "skip"}, None, True, "pass"),
+    ("pass", {"access": "fail"}, {"access": "fail"}, None, False, "all failing on baseline too"),
+    ("no-new-failures", {"access": "fail"}, {"access": "fail"}, None, True, "all failing on baseline too"),
+    ("no-new-failures", {"access": "pass"}, {"access": "timeout"}, None, False, "1 new failure(s): access"),
+    # the baseline did not run it: a patched failure cannot be called pre-existing
+    ("no-new-failures", {}, {"smm-boot": "fail"}, None, False, "1 new failure(s): smm-boot"),
+    ("no-new-failures", {"access": "pass"}, {}, "h: not run: host busy", False, "h: not run: host busy"),
+])
+def test_workloads_gate(tmp_path, gate, baseline, patched, error, passed, actual):
+    loaded = parse_spec(SPEC.replace("gates: {build: %s, boot: %s}", f"gates: {{workloads: {gate}}}"),
+                        tmp_path / "s.yaml")
+    r = RunResult(tool_version="t", name="g", started="now", stages=["fetch", "apply", "build", "boot", "workloads"])
+    r.branches.append(BranchResult(name="b", workloads=[workload_run("baseline", baseline),
+                                                        workload_run("patched", patched, error)]))
+    evaluate_gates(loaded, r)
+    (g,) = r.gates
+    assert (g.name, g.passed) == ("workloads", passed)
+    assert actual in g.actual

@@ -1,0 +1,140 @@
+"""Workloads on real kernels in the local lab: the SMM-heavy boot as a nested SeaBIOS
+guest under the kernel under test (nested SVM under TCG), its probes, a hang, and the
+whole pipeline with a workloads section."""
+
+from __future__ import annotations
+
+import json
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from kpatchtest.lab.local import local_lab
+from kpatchtest.lab.ssh import HostConnection
+from kpatchtest.spec import SmmBootSpec
+from kpatchtest.workloads.bootsector import make_boot_image
+from kpatchtest.workloads.smm_boot import image_for, run_smm_boot
+from tests.conftest_lab import LAB_FRAGMENTS, build_lab_kernel
+from tests.test_build import TDP, commit_change
+
+pytestmark = pytest.mark.slow
+
+READS = 40          # CI size: ~160 SMM transitions per boot; a full-size run is benchmarks/smm_physics.py
+
+
+@pytest.fixture(scope="module")
+def traced_host(trace_kernel, kpt_cache, tmp_path_factory):
+    """The local lab on the kernel with kprobes and tracepoints, nested image (QEMU + SeaBIOS)."""
+    bz, _ = trace_kernel
+    with local_lab(bz, kpt_cache, tmp_path_factory.mktemp("lab"), nested=True) as host:
+        yield host
+
+
+def metric(record, name):
+    return next(m for m in record.metrics if m.name == name)
+
+
+def test_smm_heavy_boot_counts_transitions_and_roots_on_6_1(traced_host, tmp_path):
+    """6.1.192 keeps TDP MMU roots across SMM transitions: hundreds of transitions, a
+    handful of roots. The probes used are the 6.1 ones, detected on the running kernel."""
+    spec = SmmBootSpec(reads=READS, timeout_s=120)
+    image = image_for(spec, tmp_path)
+    with HostConnection(traced_host) as conn:
+        conn.open()
+        record, probes = run_smm_boot(conn, spec, image, 2, tmp_path / "out", tmp_path)
+    assert record.status == "pass", record.detail
+    smm = metric(record, "smm_transitions")
+    assert smm.available and len(smm.values) == 2
+    assert all(v >= 3 * READS for v in smm.values), smm      # about four per BIOS disk read
+    assert probes["smm_transitions"] == "tracepoint:kvm:kvm_smm_transition"
+    lookups = metric(record, "root_lookups")
+    assert probes["root_lookups"].startswith("kprobe:kvm_tdp_mmu_get_vcpu_root_hpa")
+    assert all(v >= smm.values[0] / 2 for v in lookups.values), lookups   # a root reload per SMM switch
+    allocs = metric(record, "root_allocs")
+    assert allocs.available and all(1 <= v <= 8 for v in allocs.values), allocs   # preserved: a handful
+    assert all(v is not None and v > 0 for v in metric(record, "guest_time").values)
+    assert all((tmp_path / p).exists() for p in record.logs)
+
+
+def test_nested_guest_that_hangs_ends_as_timeout(traced_host, tmp_path):
+    """A boot sector without the 55 AA signature: SeaBIOS finds nothing to boot and waits
+    forever. The repetition is killed at its limit, the run goes on, the probes are removed."""
+    spec = SmmBootSpec(reads=1, timeout_s=8)
+    bad = bytearray(make_boot_image(1))
+    bad[510:512] = b"\0\0"
+    image = tmp_path / "hang.img"
+    image.write_bytes(bytes(bad))
+    t0 = time.monotonic()
+    with HostConnection(traced_host) as conn:
+        conn.open()
+        record, _ = run_smm_boot(conn, spec, image, 3, tmp_path / "out", tmp_path)
+        left = conn.run(["sh", "-c", "ls /sys/kernel/tracing/events/kpt 2>/dev/null | wc -l; pgrep -c qemu-system || true"]).stdout.split()
+    assert record.status == "timeout", record.detail
+    assert "1 of 3 repetitions ran" in record.detail
+    assert time.monotonic() - t0 < 8 + 90
+    assert left[0] == "0" and left[1] == "0", left      # no probe left registered, no QEMU left running
+
+
+@pytest.fixture(scope="module")
+def patched_commit(debian_trees, kpt_cache, tmp_path_factory):
+    git, trees = debian_trees
+    commit = commit_change(git, trees["6.1"].commit, TDP, "void kvm_mmu_uninit_tdp_mmu(struct kvm *kvm)\n{\n",
+                           "void kvm_mmu_uninit_tdp_mmu(struct kvm *kvm)\n{\n\tbarrier();\n",
+                           "KVM: x86/mmu: a harmless change to boot", tmp_path_factory.mktemp("pk"))
+    build_lab_kernel(git, commit, kpt_cache)        # the same build test_lab_boot.py made: reused
+    return git, commit
+
+
+def test_pipeline_runs_workloads_on_each_boot(patched_commit, kpt_cache, tmp_path):
+    """kpatchtest run with a workloads: section on kernels WITHOUT kprobes or tracepoints
+    (the plain lab recipe): the SMM boot passes with wall times, every probe metric is
+    unavailable (None, never 0), and every report shows the workload."""
+    from kpatchtest.cli import main
+    git, commit = patched_commit
+    mbox = tmp_path / "p.mbox"
+    mbox.write_text(git.out("format-patch", "-1", "--stdout", commit) + "\n")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"""name: workloads-demo
+series:
+  - mbox: {mbox}
+kernel:
+  branches:
+    - {{name: debian-6.1, tarball: /usr/src/linux-source-6.1.tar.xz}}
+configs:
+  base: tinyconfig
+  fragments: {list(LAB_FRAGMENTS)}
+lab:
+  name: local
+workloads:
+  repetitions: 2
+  smm_boot: {{reads: {READS}, timeout_s: 120}}
+gates:
+  boot: booted
+  workloads: pass
+""")
+    out = tmp_path / "out"
+    code = main(["run", str(spec), "--out", str(out), "--cache-dir", str(kpt_cache), "--offline", "-q"])
+    res = json.loads((out / "results.json").read_text())
+    b = res["branches"][0]
+    assert res["schema_version"] == 4 and "workloads" in res["stages"]
+    assert code == 0, (b["boot"], b["workloads"])
+    runs = {w["build"]: w for w in b["workloads"]}
+    assert set(runs) == {"baseline", "patched"}
+    for w in runs.values():
+        assert w["error"] is None and w["kernelrelease"] in {r["kernelrelease"] for r in b["boot"]}
+        (rec,) = w["records"]
+        assert rec["name"] == "smm-boot" and rec["status"] == "pass", rec["detail"]
+        m = {x["name"]: x for x in rec["metrics"]}
+        assert len(m["wall_time"]["values"]) == 2 and all(v > 0 for v in m["wall_time"]["values"])
+        for name in ("smm_transitions", "root_lookups", "root_allocs"):
+            assert m[name]["values"] == [None, None] and m[name]["available"] is False, m[name]
+            assert w["probes"][name].startswith("unavailable")
+    cases = {c.get("name"): c for c in ET.parse(out / "junit.xml").getroot().iter("testcase")}
+    case = cases["smm-boot patched on local-0"]
+    assert case.find("failure") is None and case.find("error") is None
+    props = {p.get("name"): p.get("value") for p in case.iter("property")}
+    assert props["smm_transitions.events.1"] == "n/a" and float(props["wall_time.s.1"]) > 0
+    summary = (out / "summary.md").read_text()
+    assert "smm-boot: 1 pass -> 1 pass" in summary and "n/a" in summary
