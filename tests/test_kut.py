@@ -7,6 +7,7 @@ upstream commit 8375379f ("runtime: indicate failure on crash/timeout/abort in T
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -17,7 +18,8 @@ import pytest
 
 from kpatchtest.lab.ssh import HostConnection
 from kpatchtest.workloads import kut
-from kpatchtest.workloads.kut import (KutError, build_kut, deploy_kut, dmesg_delta, parse_log,
+from kpatchtest.workloads.dmesgwatch import dmesg_delta
+from kpatchtest.workloads.kut import (KutError, build_kut, deploy_kut, kut_source, parse_log,
                                       parse_plain, parse_summary, parse_tap, parse_vmexit, resolve,
                                       run_kut, tap_plan, vmexit_metrics)
 from kpatchtest.workloads.record import Metric, WorkloadRecord
@@ -560,37 +562,136 @@ def test_build_kut_failure(tmp_path: Path):
         build_kut(tmp_path, tmp_path / "cache")
 
 
-# -- opt-in: the real suite --------------------------------------------------------------
+# -- source: a local directory or a git URL + ref -----------------------------------------
 
-@pytest.mark.skipif(not os.environ.get("KPATCHTEST_KUT_SOURCE"),
-                    reason="set KPATCHTEST_KUT_SOURCE to a kvm-unit-tests checkout")
-def test_real_kvm_unit_tests(sshd, tmp_path: Path):
-    """Build the real suite, deploy it over SSH and run access and vmexit_cr0_wp under TCG.
+def git_in(d: Path, *args: str) -> str:
+    p = subprocess.run(["git", "-C", str(d), "-c", "user.name=t", "-c", "user.email=t@t",
+                        "-c", "init.defaultBranch=master", *args],
+                       capture_output=True, text=True, check=True)
+    return p.stdout.strip()
 
-    Under TCG, access runs for minutes (and reports failures of TCG's page-fault error
-    codes), so its timeout is short by default (KPATCHTEST_KUT_ACCESS_TIMEOUT, seconds):
-    it must end as a verdict, never hang the run.
-    """
-    if not shutil.which("qemu-system-x86_64"):
-        pytest.skip("qemu-system-x86_64 not installed")
-    source = Path(os.environ["KPATCHTEST_KUT_SOURCE"])
-    cache = Path(os.environ.get("KPATCHTEST_KUT_CACHE", tmp_path / "cache"))
-    built = build_kut(source, cache)
-    assert (built / "x86" / "vmexit.flat").is_file() and (built / "x86" / "access_test.flat").is_file()
-    per_test = os.environ.get("KPATCHTEST_KUT_ACCESS_TIMEOUT", "30")
-    with HostConnection(sshd.host_spec()) as conn:
-        remote = str(tmp_path / "lab" / "kvm-unit-tests")
-        deploy_kut(conn, built, remote)
-        records = run_kut(conn, remote, ["access", "vmexit_cr0_wp"], [],
-                          {"ACCEL": "tcg", "TIMEOUT": f"{per_test}s"}, 2 * int(per_test) + 120,
-                          tmp_path / "logs", dmesg_argv=["true"])
-    r = {x.name: x for x in records}
-    assert set(r) == {"access", "vmexit_cr0_wp"}
-    wp = r["vmexit_cr0_wp"]
-    assert wp.status == "pass", wp.detail
-    (m,) = wp.metrics
-    assert m.name == "cycles" and m.available and m.values[0] and m.values[0] > 0
-    assert r["access"].status in ("pass", "fail", "timeout")
-    assert r["access"].logs[0] == "logs/access.log"
-    if r["access"].status == "timeout":
-        assert r["access"].detail == f"timeout; duration={per_test}s"
+
+@pytest.fixture
+def kut_repo(tmp_path: Path) -> Path:
+    """A git repository holding the stand-in (plus a trivial configure and Makefile), two commits."""
+    d = tmp_path / "origin"
+    shutil.copytree(STANDIN, d, ignore=shutil.ignore_patterns("logs", "logs.old"))
+    (d / "configure").write_text("#!/bin/sh\nexit 0\n")
+    (d / "configure").chmod(0o755)
+    (d / "Makefile").write_text("all:\n\t@true\n")
+    git_in(d, "init", "-q")
+    git_in(d, "add", "-A")
+    git_in(d, "commit", "-qm", "first")
+    git_in(d, "tag", "v1")
+    return d
+
+
+def test_kut_source_local_directory_as_is(kut_repo: Path, tmp_path: Path):
+    (kut_repo / "dirty.txt").write_text("not committed\n")
+    assert kut_source(str(kut_repo), None, tmp_path / "cache") == kut_repo.resolve()
+    with pytest.raises(KutError) as e:
+        kut_source(str(tmp_path / "nothing"), None, tmp_path / "cache")
+    assert e.value.message == f"kvm-unit-tests source {tmp_path / 'nothing'} does not exist"
+    plain = tmp_path / "plain"
+    shutil.copytree(STANDIN, plain)
+    assert kut_source(plain, None, tmp_path / "cache") == plain.resolve()
+    with pytest.raises(KutError) as e:
+        kut_source(plain, "master", tmp_path / "cache")
+    assert "is not a git checkout" in e.value.message
+
+
+def test_kut_source_local_checkout_with_ref(kut_repo: Path, tmp_path: Path):
+    first = git_in(kut_repo, "rev-parse", "HEAD")
+    (kut_repo / "x86" / "new.flat").write_text("# new\n")
+    git_in(kut_repo, "add", "-A")
+    git_in(kut_repo, "commit", "-qm", "second")
+    cache = tmp_path / "cache"
+    tree = kut_source(kut_repo, "v1", cache)
+    assert tree == cache / "kut-src" / "trees" / first
+    assert (tree / "run_tests.sh").is_file() and not (tree / "x86" / "new.flat").exists()
+    assert not (tree / ".git").exists()
+    assert os.access(tree / "run_tests.sh", os.X_OK)
+    assert json.loads((tree / kut.SOURCE_MARKER).read_text())["commit"] == first
+    assert kut_source(kut_repo, first[:10], cache) == tree
+    with pytest.raises(KutError) as e:
+        kut_source(kut_repo, "no-such-branch", cache)
+    assert e.value.message == f"unknown ref no-such-branch in {kut_repo.resolve()}"
+
+
+def test_kut_source_url_fetch_export_and_build(kut_repo: Path, tmp_path: Path):
+    url = kut_repo.as_uri()                                   # file:///...
+    cache = tmp_path / "cache"
+    first = git_in(kut_repo, "rev-parse", "HEAD")
+    messages: list[str] = []
+    tree = kut_source(url, None, cache, log=messages.append)  # the remote's HEAD
+    assert tree == cache / "kut-src" / "trees" / first
+    assert messages == [f"kvm-unit-tests: fetching HEAD from {url}"]
+    repos = [p for p in (cache / "kut-src").glob("*.git")]
+    assert len(repos) == 1 and subprocess.run(
+        ["git", "-C", str(repos[0]), "rev-parse", "--is-bare-repository"],
+        capture_output=True, text=True).stdout.strip() == "true"
+    # the build goes by the commit: build-head, and one build for one commit
+    built = build_kut(tree, tmp_path / "builds")
+    assert (built / "build-head").read_text() == first[:8] + "\n"
+    assert f'"git:{first}"' in (built / ".kpatchtest-built").read_text()
+    assert build_kut(tree, tmp_path / "builds") == built
+
+    # a new commit on the branch: fetched again, exported under its own id
+    (kut_repo / "x86" / "new.flat").write_text("# new\n")
+    git_in(kut_repo, "add", "-A")
+    git_in(kut_repo, "commit", "-qm", "second")
+    second = git_in(kut_repo, "rev-parse", "HEAD")
+    tree2 = kut_source(url, "master", cache)
+    assert tree2.name == second and (tree2 / "x86" / "new.flat").is_file()
+    assert kut_source(url, "v1", cache).name == first             # a tag
+    assert kut_source(url, second, cache) == tree2                  # a full commit id
+    assert kut_source(url, second[:9], cache) == tree2              # an abbreviated one
+    # a bare repository given by path is a URL too
+    bare = tmp_path / "bare.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(kut_repo), str(bare)], check=True)
+    assert kut_source(str(bare), "master", cache).name == second
+
+    # offline: what was fetched before, without the remote
+    shutil.rmtree(kut_repo)
+    msgs: list[str] = []
+    assert kut_source(url, "master", cache, offline=True, log=msgs.append) == tree2
+    assert kut_source(url, first, cache, offline=True) == tree
+    assert msgs == [f"kvm-unit-tests: offline, using master = {second[:12]} fetched earlier from {url}"]
+
+
+def test_kut_source_url_errors(kut_repo: Path, tmp_path: Path):
+    url = kut_repo.as_uri()
+    cache = tmp_path / "cache"
+    with pytest.raises(KutError) as e:
+        kut_source(url, "no-such-branch", cache)
+    assert e.value.message == f"unknown ref no-such-branch in {url}"
+    assert "couldn't find remote ref no-such-branch" in (e.value.hint or "")
+    with pytest.raises(KutError) as e:
+        kut_source(url, "0123456789abcdef0123456789abcdef01234567", cache)
+    assert e.value.message.startswith("unknown ref 0123456789abcdef")
+    with pytest.raises(KutError) as e:
+        kut_source(url, "deadbeef1", cache)
+    assert e.value.message == f"unknown ref deadbeef1 in {url}"
+
+    gone = (tmp_path / "gone.git").as_uri()
+    with pytest.raises(KutError) as e:
+        kut_source(gone, None, cache)
+    assert e.value.message == (f"cannot reach kvm-unit-tests at {gone}: fatal: "
+                               f"'{tmp_path / 'gone.git'}' does not appear to be a git repository")
+    assert "\n" not in str(e.value)
+    assert len(list((cache / "kut-src").glob("*.git"))) == 1     # nothing kept for the bad URL
+    with pytest.raises(KutError) as e:
+        kut_source("http://127.0.0.1:9/kvm-unit-tests.git", None, cache)
+    assert e.value.message.startswith("cannot reach kvm-unit-tests at http://127.0.0.1:9/kvm-unit-tests.git: ")
+
+    # offline with nothing cached: one line and a hint
+    with pytest.raises(KutError) as e:
+        kut_source(url, None, tmp_path / "empty-cache", offline=True)
+    assert e.value.message == f"kvm-unit-tests {url} (HEAD) is not in the cache and the run is offline"
+    assert e.value.hint and "\n" not in str(e.value)
+    with pytest.raises(KutError):
+        kut_source(url, "--upload-pack=touch /tmp/x", cache)
+
+
+# The opt-in test of the real suite (KPATCHTEST_KUT_SOURCE) runs it inside the local lab VM:
+# tests/test_kut_lab.py::test_real_kvm_unit_tests.

@@ -66,6 +66,7 @@ def test_image_contents_and_reproducible(tmp_path):
                  "etc/dropbear/dropbear_ed25519_host_key"):
         assert need in by, need
     assert not any("qemu-system" in n for n in names)
+    assert "bin/bash" not in by and by["usr/bin/timeout"]["mode"] & 0o170000 == 0o120000   # busybox's
     init = by["init"]["data"].decode()
     assert "10.0.2.15/24" in init and "-r /etc/dropbear/dropbear_ed25519_host_key" in init and MARKER in init
     assert by["root/.ssh/authorized_keys"]["data"].decode().split()[:2] == \
@@ -82,14 +83,29 @@ def test_nested_image_has_qemu_and_seabios(tmp_path):
         pytest.skip("qemu-system-x86 not installed")
     t0 = time.monotonic()
     img = build_image(tmp_path, nested=True)
-    names = {e["name"] for e in read_cpio(img.initramfs)}
+    build_s = time.monotonic() - t0
+    entries = {e["name"]: e for e in read_cpio(img.initramfs)}
+    names = set(entries)
     for need in ("usr/bin/qemu-system-x86_64", "usr/share/seabios/bios-256k.bin", "usr/share/seabios/bios.bin",
                  "usr/share/qemu/kvmvapic.bin", "usr/share/qemu/linuxboot_dma.bin",
-                 "usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so"):
+                 "usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so",
+                 # kvm-unit-tests' scripts: bash (and libtinfo), coreutils timeout, getconf
+                 "bin/bash", "usr/bin/bash", "lib/x86_64-linux-gnu/libtinfo.so.6", "usr/bin/timeout",
+                 "usr/bin/getconf"):
         assert need in names, need
+    assert entries["usr/bin/timeout"]["mode"] & 0o170000 == 0o100000      # a file, not busybox's applet
+    assert entries["usr/bin/timeout"]["data"] != entries["bin/busybox"]["data"]
+    assert b"--foreground" in entries["usr/bin/timeout"]["data"]
+    init = entries["init"]["data"].decode()
+    assert "ln -sfn /proc/self/fd /dev/fd" in init and "/dev/stderr" in init
     plain = build_image(tmp_path)
     assert plain.hash != img.hash
-    print(f"nested lab image: {img.size / 1e6:.1f} MB gzipped, built in {time.monotonic() - t0:.1f} s")
+    # reproducible: the same keys in another cache dir give the same bytes
+    (tmp_path / "again" / "lab").mkdir(parents=True)
+    shutil.copytree(tmp_path / "lab" / "keys", tmp_path / "again" / "lab" / "keys")
+    again = build_image(tmp_path / "again", nested=True)
+    assert not again.cached and again.initramfs.read_bytes() == img.initramfs.read_bytes()
+    print(f"nested lab image: {img.size / 1e6:.1f} MB gzipped, built in {build_s:.1f} s")
     assert 8_000_000 < img.size < 40_000_000
 
 
@@ -102,6 +118,24 @@ def test_detect_accel_here_and_override(monkeypatch):
     flags = Path("/proc/cpuinfo").read_text()
     if " vmx" not in flags and " svm" not in flags:
         assert detect_accel() == "tcg"      # e.g. the paravirtual /dev/kvm of the CI machines
+
+
+def test_tcg_kernel_command_line_sets_the_tsc_rate(monkeypatch, tmp_path):
+    """Under TCG the lab kernel's TSC calibration can fail (tsc_khz 0), and then KVM runs
+    no nested guest at all: a TCG lab VM boots with tsc_early_khz=<the host's rate>."""
+    from kpatchtest.lab import qemu
+    khz = qemu.host_tsc_khz()
+    assert khz is None or khz > 100_000
+    monkeypatch.setattr(qemu, "host_tsc_khz", lambda: 2596130)
+    assert qemu.tcg_cmdline("console=ttyS0") == "console=ttyS0 tsc_early_khz=2596130"
+    assert qemu.tcg_cmdline("a tsc_early_khz=1000 b") == "a tsc_early_khz=1000 b"
+    vm = LocalVM(tmp_path, VMConfig(kernel=tmp_path / "k", initrd=tmp_path / "i", cmdline="console=ttyS0"), 2222)
+    vm.accel = "tcg"
+    argv = vm.qemu_argv()
+    assert argv[argv.index("-append") + 1] == "console=ttyS0 tsc_early_khz=2596130"
+    vm.accel = "kvm"
+    argv = vm.qemu_argv()
+    assert argv[argv.index("-append") + 1] == "console=ttyS0"
 
 
 # -- the VM ------------------------------------------------------------------------------------

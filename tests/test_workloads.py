@@ -5,6 +5,8 @@ whole pipeline with a workloads section."""
 from __future__ import annotations
 
 import json
+import subprocess
+import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -22,59 +24,6 @@ from tests.test_build import TDP, commit_change
 pytestmark = pytest.mark.slow
 
 READS = 40          # CI size: ~160 SMM transitions per boot; a full-size run is benchmarks/smm_physics.py
-
-
-@pytest.fixture(scope="module")
-def traced_host(trace_kernel, kpt_cache, tmp_path_factory):
-    """The local lab on the kernel with kprobes and tracepoints, nested image (QEMU + SeaBIOS)."""
-    bz, _ = trace_kernel
-    with local_lab(bz, kpt_cache, tmp_path_factory.mktemp("lab"), nested=True) as host:
-        yield host
-
-
-def metric(record, name):
-    return next(m for m in record.metrics if m.name == name)
-
-
-def test_smm_heavy_boot_counts_transitions_and_roots_on_6_1(traced_host, tmp_path):
-    """6.1.192 keeps TDP MMU roots across SMM transitions: hundreds of transitions, a
-    handful of roots. The probes used are the 6.1 ones, detected on the running kernel."""
-    spec = SmmBootSpec(reads=READS, timeout_s=120)
-    image = image_for(spec, tmp_path)
-    with HostConnection(traced_host) as conn:
-        conn.open()
-        record, probes = run_smm_boot(conn, spec, image, 2, tmp_path / "out", tmp_path)
-    assert record.status == "pass", record.detail
-    smm = metric(record, "smm_transitions")
-    assert smm.available and len(smm.values) == 2
-    assert all(v >= 3 * READS for v in smm.values), smm      # about four per BIOS disk read
-    assert probes["smm_transitions"] == "tracepoint:kvm:kvm_smm_transition"
-    lookups = metric(record, "root_lookups")
-    assert probes["root_lookups"].startswith("kprobe:kvm_tdp_mmu_get_vcpu_root_hpa")
-    assert all(v >= smm.values[0] / 2 for v in lookups.values), lookups   # a root reload per SMM switch
-    allocs = metric(record, "root_allocs")
-    assert allocs.available and all(1 <= v <= 8 for v in allocs.values), allocs   # preserved: a handful
-    assert all(v is not None and v > 0 for v in metric(record, "guest_time").values)
-    assert all((tmp_path / p).exists() for p in record.logs)
-
-
-def test_nested_guest_that_hangs_ends_as_timeout(traced_host, tmp_path):
-    """A boot sector without the 55 AA signature: SeaBIOS finds nothing to boot and waits
-    forever. The repetition is killed at its limit, the run goes on, the probes are removed."""
-    spec = SmmBootSpec(reads=1, timeout_s=8)
-    bad = bytearray(make_boot_image(1))
-    bad[510:512] = b"\0\0"
-    image = tmp_path / "hang.img"
-    image.write_bytes(bytes(bad))
-    t0 = time.monotonic()
-    with HostConnection(traced_host) as conn:
-        conn.open()
-        record, _ = run_smm_boot(conn, spec, image, 3, tmp_path / "out", tmp_path)
-        left = conn.run(["sh", "-c", "ls /sys/kernel/tracing/events/kpt 2>/dev/null | wc -l; pgrep -c qemu-system || true"]).stdout.split()
-    assert record.status == "timeout", record.detail
-    assert "1 of 3 repetitions ran" in record.detail
-    assert time.monotonic() - t0 < 8 + 90
-    assert left[0] == "0" and left[1] == "0", left      # no probe left registered, no QEMU left running
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +87,80 @@ gates:
     assert props["smm_transitions.events.1"] == "n/a" and float(props["wall_time.s.1"]) > 0
     summary = (out / "summary.md").read_text()
     assert "smm-boot: 1 pass -> 1 pass" in summary and "n/a" in summary
+
+
+def hanging_image(path: Path) -> Path:
+    """A boot sector without the 55 AA signature: SeaBIOS finds nothing to boot and waits."""
+    bad = bytearray(make_boot_image(1))
+    bad[510:512] = b"\0\0"
+    path.write_bytes(bytes(bad))
+    return path
+
+
+def test_host_that_vanishes_mid_workload_gives_an_error_record(lab_kernel, kpt_cache, tmp_path):
+    """The lab host dies (QMP quit) while its nested guest runs: one error record that
+    says so, quickly, and no exception out of the workload."""
+    with local_lab(lab_kernel, kpt_cache, tmp_path / "lab", nested=True) as host:
+        image = hanging_image(tmp_path / "hang.img")
+        killer = threading.Timer(10, subprocess.run, args=(host.power.off,), kwargs={"shell": True})
+        t0 = time.monotonic()
+        with HostConnection(host) as conn:
+            conn.open()
+            killer.start()
+            record, _ = run_smm_boot(conn, SmmBootSpec(reads=1, timeout_s=120, probes=False), image, 3,
+                                     tmp_path / "out", tmp_path)
+        killer.join()
+    assert record.status == "error", record
+    assert "stopped answering" in record.detail and "1 of 3 repetitions ran" in record.detail
+    assert time.monotonic() - t0 < 60
+
+
+# Last: the module's traced VM stays up until the module ends.
+@pytest.fixture(scope="module")
+def traced_host(trace_kernel, kpt_cache, tmp_path_factory):
+    """The local lab on the kernel with kprobes and tracepoints, nested image (QEMU + SeaBIOS)."""
+    bz, _ = trace_kernel
+    with local_lab(bz, kpt_cache, tmp_path_factory.mktemp("lab"), nested=True) as host:
+        yield host
+
+
+def metric(record, name):
+    return next(m for m in record.metrics if m.name == name)
+
+
+def test_smm_heavy_boot_counts_transitions_and_roots_on_6_1(traced_host, tmp_path):
+    """6.1.192 keeps TDP MMU roots across SMM transitions: hundreds of transitions, a
+    handful of roots. The probes used are the 6.1 ones, detected on the running kernel."""
+    spec = SmmBootSpec(reads=READS, timeout_s=120)
+    image = image_for(spec, tmp_path)
+    with HostConnection(traced_host) as conn:
+        conn.open()
+        record, probes = run_smm_boot(conn, spec, image, 2, tmp_path / "out", tmp_path)
+    assert record.status == "pass", record.detail
+    smm = metric(record, "smm_transitions")
+    assert smm.available and len(smm.values) == 2
+    assert all(v >= 3 * READS for v in smm.values), smm      # about four per BIOS disk read
+    assert probes["smm_transitions"].startswith("tracepoint:kvm:kvm_smm_transition")
+    lookups = metric(record, "root_lookups")
+    assert probes["root_lookups"].startswith("kprobe:kvm_tdp_mmu_get_vcpu_root_hpa")
+    assert all(v >= smm.values[0] / 2 for v in lookups.values), lookups   # a root reload per SMM switch
+    allocs = metric(record, "root_allocs")
+    assert allocs.available and all(1 <= v <= 8 for v in allocs.values), allocs   # preserved: a handful
+    assert all(v is not None and v > 0 for v in metric(record, "guest_time").values)
+    assert all((tmp_path / p).exists() for p in record.logs)
+
+
+def test_nested_guest_that_hangs_ends_as_timeout(traced_host, tmp_path):
+    """The repetition is killed at its limit, the run goes on, the probes are removed."""
+    spec = SmmBootSpec(reads=1, timeout_s=8)
+    image = hanging_image(tmp_path / "hang.img")
+    t0 = time.monotonic()
+    with HostConnection(traced_host) as conn:
+        conn.open()
+        record, _ = run_smm_boot(conn, spec, image, 3, tmp_path / "out", tmp_path)
+        left = conn.run(["sh", "-c", "ls /sys/kernel/tracing/events/kpt /sys/kernel/debug/tracing/events/kpt 2>/dev/null | wc -l; "
+                              "ps | grep -c '[q]emu-system'"], check=False).stdout.split()
+    assert record.status == "timeout", record.detail
+    assert "1 of 3 repetitions ran" in record.detail
+    assert time.monotonic() - t0 < 8 + 90
+    assert left[0] == "0" and left[1] == "0", left      # no probe left registered, no QEMU left running

@@ -10,7 +10,9 @@ shared libraries ``ldd`` lists for them (no package manager, no network):
 - ``/init``: mounts, static user-net address, sshd, a marker line on the console, then
   busybox init with a shell on the console (so ``reboot`` works as on a real box);
 - with ``nested=True`` also qemu-system-x86_64 and its libraries plus SeaBIOS and the
-  option ROMs, for nested guests (about 19 MB more, gzipped).
+  option ROMs, for nested guests (about 16 MB more, gzipped), and what kvm-unit-tests'
+  scripts need beyond busybox (``KUT_BINARIES``: bash, coreutils timeout, getconf; about
+  0.6 MB more): the nested image is the one workloads run on.
 
 Reproducible: entries sorted, owners 0, mtimes 0, gzip without name or time, so the same
 inputs give the same bytes. Cached under ``cache_dir/lab/image-<hash>/``; the hash covers
@@ -56,6 +58,19 @@ BASE_BINARIES = {
     "/usr/bin/flock": "flock",
 }
 NESTED_BINARIES = {"/usr/bin/qemu-system-x86_64": "qemu-system-x86_64"}
+# What kvm-unit-tests' run_tests.sh, x86/run and scripts/*.bash need beyond busybox (the
+# nested image is the one workloads run on). Checked against upstream master of 2026-06:
+# the rest they call (env, getopt -T/-u/-l, mktemp, tee, grep -E/-F/-q, sed, cut, tr, sort,
+# uniq, head, tail, wc, uname, cat, sleep) are busybox applets that behave alike here.
+KUT_BINARIES = {
+    # run_tests.sh, x86/run, scripts/*.bash: arrays, [[ =~ ]], <(...) >(...), {fd} redirections
+    "/bin/bash": "bash",
+    # x86/run runs `timeout -k 1s --foreground $TIMEOUT qemu ...`: busybox's timeout has
+    # no --foreground and would make every test fail with a usage error (coreutils)
+    "/usr/bin/timeout": "timeout",
+    # scripts/runtime.bash: MAX_SMP=$(getconf _NPROCESSORS_ONLN) when sourced (libc-bin)
+    "/usr/bin/getconf": "getconf",
+}
 # Firmware a nested q35/pc guest loads (SeaBIOS, the -kernel boot ROMs, VGA BIOS, NIC ROMs).
 NESTED_DATA = [
     "/usr/share/seabios/bios.bin", "/usr/share/seabios/bios-256k.bin", "/usr/share/seabios/vgabios-stdvga.bin",
@@ -76,6 +91,12 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mkdir -p /dev/pts /dev/shm
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
+# devtmpfs has no /dev/fd: bash passes <(...) to other programs as /dev/fd/N, and
+# kvm-unit-tests' arch-run.bash runs `tee /dev/stderr`
+ln -sfn /proc/self/fd /dev/fd
+ln -sf /proc/self/fd/0 /dev/stdin
+ln -sf /proc/self/fd/1 /dev/stdout
+ln -sf /proc/self/fd/2 /dev/stderr
 mount -t tmpfs -o mode=755 tmpfs /run
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
@@ -366,11 +387,12 @@ def _tree(host_key: Path, client_pub: str, nested: bool) -> _Tree:
         dest = "/" + applet.strip("/")
         if dest != "/bin/busybox":
             t.add_link(dest, os.path.relpath("/bin/busybox", os.path.dirname(dest)))
-    binaries = dict(BASE_BINARIES, **(NESTED_BINARIES if nested else {}))
+    binaries = dict(BASE_BINARIES, **(dict(NESTED_BINARIES, **KUT_BINARIES) if nested else {}))
     for dest, src in sorted(binaries.items()):
         t.links.pop(dest.strip("/"), None)      # a real binary beats a busybox applet
         t.add_binary(dest, _which(src))
     if nested:
+        t.add_link("/usr/bin/bash", "../../bin/bash")     # for #!/usr/bin/bash as well
         for path in NESTED_DATA:
             if Path(path).exists():
                 t.add_host_file(path, Path(path), 0o644)

@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 
 from kpatchtest.lab.image import LabImage, build_image
 from kpatchtest.lab.inventory import HostSpec, PowerCommands, Timeouts
-from kpatchtest.lab.qemu import LocalVM, VMConfig
+from kpatchtest.lab.qemu import DEFAULT_CMDLINE, LocalVM, VMConfig
 from kpatchtest.lab.ssh import HostConnection
 
 LOCAL_TIMEOUTS = Timeouts(connect_s=5, boot_s=180, command_s=300, lock_wait_s=600)
@@ -28,11 +28,16 @@ def local_host(vm: LocalVM, image: LabImage, known_hosts: Path, name: str = "loc
 
 @contextlib.contextmanager
 def local_lab(known_good: Path, cache_dir: Path, work: Path, *, memory_mb: int = 1024, cpus: int = 2,
-              nested: bool = False, log: Callable[[str], None] = lambda m: None) -> Iterator[HostSpec]:
-    """Start the local QEMU lab on the known-good kernel; yield it as a lab host; stop it."""
+              nested: bool = False, extra_cmdline: str = "",
+              log: Callable[[str], None] = lambda m: None) -> Iterator[HostSpec]:
+    """Start the local QEMU lab on the known-good kernel; yield it as a lab host; stop it.
+
+    `extra_cmdline` is appended to the known-good kernel's command line (e.g.
+    "kvm.tdp_mmu=1"); kernels kexec'd later inherit it through /proc/cmdline."""
     image = build_image(cache_dir, nested=nested)
     work.mkdir(parents=True, exist_ok=True)
-    vm = LocalVM(work, VMConfig(kernel=known_good, initrd=image.initramfs, memory_mb=memory_mb, cpus=cpus))
+    vm = LocalVM(work, VMConfig(kernel=known_good, initrd=image.initramfs, memory_mb=memory_mb, cpus=cpus,
+                                cmdline=f"{DEFAULT_CMDLINE} {extra_cmdline}".strip()))
     vm.start()
     try:
         host = local_host(vm, image, work / "known_hosts")

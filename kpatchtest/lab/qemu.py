@@ -36,7 +36,8 @@ from pathlib import Path
 
 from kpatchtest.lab.qmp import QMP, QMPConnectError, QMPError, qmp_command
 
-__all__ = ["VMConfig", "LocalVM", "VMError", "detect_accel", "free_port", "QEMU", "TCG_CPU", "DEFAULT_CMDLINE"]
+__all__ = ["VMConfig", "LocalVM", "VMError", "detect_accel", "free_port", "host_tsc_khz", "tcg_cmdline", "QEMU",
+           "TCG_CPU", "DEFAULT_CMDLINE"]
 
 QEMU = "qemu-system-x86_64"
 TCG_CPU = "qemu64,+svm,+npt"
@@ -76,6 +77,35 @@ class VMConfig:
     machine: str = "q35"
     nic: str = "virtio-net-pci"     # lab-qemu.config has VIRTIO_NET and E1000/E1000E
     extra_args: list[str] = field(default_factory=list)
+
+
+def host_tsc_khz() -> int | None:
+    """The host's TSC rate in kHz ("cpu MHz" of /proc/cpuinfo), which is what a TCG guest's
+    TSC counts at (QEMU reads the host's TSC); None when unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                khz = int(float(line.split(":", 1)[1]) * 1000)
+                return khz if khz > 0 else None
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def tcg_cmdline(cmdline: str) -> str:
+    """The kernel command line for a TCG lab VM: with tsc_early_khz= unless it has one.
+
+    Under TCG (more so on a loaded host) the kernel's TSC calibration against the PIT
+    often fails ("tsc: Unable to calibrate against PIT", "No reference (HPET/PMTIMER)
+    available": the lab config has neither HPET nor ACPI), leaving tsc_khz at 0. KVM then
+    never enters a guest: KVM_RUN spins on KVM_REQ_CLOCK_UPDATE (kvm_guest_time_update
+    gives up while the TSC rate is 0), so every nested guest (kvm-unit-tests, the SMM
+    boot) hangs without printing a byte. Kernels kexec'd later inherit the parameter
+    through /proc/cmdline (5.10, 6.1 and 6.12 know it; an older kernel ignores it)."""
+    if "tsc_early_khz=" in cmdline:
+        return cmdline
+    khz = host_tsc_khz()
+    return f"{cmdline} tsc_early_khz={khz}".strip() if khz else cmdline
 
 
 def free_port() -> int:
@@ -184,7 +214,8 @@ class LocalVM:
             "-machine", c.machine, *cpu, "-smp", str(c.cpus), "-m", str(c.memory_mb),
             # no default devices, no display: the serial console is the only console
             "-nodefaults", "-display", "none", "-vga", "none",
-            "-kernel", str(c.kernel), "-initrd", str(c.initrd), "-append", c.cmdline,
+            "-kernel", str(c.kernel), "-initrd", str(c.initrd),
+            "-append", tcg_cmdline(c.cmdline) if accel == "tcg" else c.cmdline,
             "-chardev", f"file,id=console,path={self.console_log},append=on", "-serial", "chardev:console",
             "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
             "-device", f"{c.nic},netdev=net0,romfile=",

@@ -36,7 +36,7 @@ class DmesgWatch:
         try:
             r = self.conn.run(list(self.argv), check=False, timeout=self.conn.host.timeouts.command_s)
         except KpatchtestError as e:
-            return None, f"dmesg unavailable: {e}"
+            return None, f"dmesg unavailable: {e.message}"
         if r.exit_code != 0:
             return None, "dmesg unavailable: " + (r.stderr.strip().splitlines() or [f"exit {r.exit_code}"])[-1]
         return r.stdout, ""

@@ -58,8 +58,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from kpatchtest.errors import KpatchtestError
-from kpatchtest.lab import splats
 from kpatchtest.lab.ssh import HostConnection, LabError, RunResult
+from kpatchtest.workloads.dmesgwatch import DmesgWatch
+from kpatchtest.locks import exclusive
 from kpatchtest.workloads.record import Metric, WorkloadRecord, WorkloadStatus
 
 GROUP = "kvm-unit-tests"
@@ -401,12 +402,20 @@ def vmexit_metrics(log: LogSummary | None, note: str = "") -> list[Metric]:
 
 # -- running -----------------------------------------------------------------------------
 
+# coreutils timeout where there is one: it signals its whole process group, so QEMU and
+# the rest of run_tests.sh's children go too. Busybox's only signals run_tests.sh and
+# leaves the tests running (and busybox sh runs its own applet for a bare `timeout`,
+# whatever PATH says: hence the explicit paths).
 _RUN_SCRIPT = r'''
 cd "$1" || exit 97
 t=$2
 shift 2
+to=timeout
+for c in /usr/bin/timeout /bin/timeout; do
+    if [ -x "$c" ] && "$c" --version >/dev/null 2>&1; then to=$c; break; fi
+done
 echo "kpatchtest-start $(date +%s)" >&2
-exec timeout -k "$KPT_KILL" "$t" "$@"
+exec "$to" -k "$KPT_KILL" "$t" "$@"
 '''
 
 # logs/*.log, each cut to its first and last max/2 bytes when larger than max (a test that
@@ -441,32 +450,6 @@ class _Invocation:
     label: str
     selectors: list[str]            # ["-g", group] or test names or []
     expected: list[str] | None      # tests it should report on, if known
-
-
-def _dmesg(conn: HostConnection, argv: Sequence[str]) -> tuple[str | None, str]:
-    try:
-        r = conn.run(list(argv), check=False, timeout=conn.host.timeouts.command_s)
-    except LabError as e:
-        return None, f"dmesg unavailable: {e.message}"
-    if r.exit_code != 0:
-        last = (r.stderr.strip().splitlines() or [f"exit {r.exit_code}"])[-1]
-        return None, f"dmesg unavailable: {last}"
-    return r.stdout, ""
-
-
-def dmesg_delta(before: str, after: str) -> str:
-    """The part of `after` that is new since `before` (copes with a wrapped ring buffer)."""
-    if after.startswith(before):
-        return after[len(before):]
-    old = before.splitlines()
-    new = after.splitlines()
-    if old:
-        last = old[-1]
-        for i in range(len(new) - 1, -1, -1):
-            if new[i] == last:
-                return "\n".join(new[i + 1:]) + "\n"
-    seen = set(old)
-    return "".join(line + "\n" for line in new if line not in seen)
 
 
 def _list_tests(conn: HostConnection, remote_dir: str, env: dict[str, str], group: str | None,
@@ -591,7 +574,7 @@ def run_kut(conn: HostConnection, remote_dir: str, tests: list[str], groups: lis
                     detail=f"not started: the {timeout_s:g} s for kvm-unit-tests were used up"))
             continue
 
-        before, dmesg_note = _dmesg(conn, dmesg_argv)
+        watch = DmesgWatch(conn, tuple(dmesg_argv))
         argv = ["./run_tests.sh", *(["-t"] if tap else []), *inv.selectors]
         say(f"kvm-unit-tests: {' '.join(argv)} in {remote_dir} ({inv.label}, up to {left:.0f} s)")
         started = time.monotonic()
@@ -684,29 +667,19 @@ def run_kut(conn: HostConnection, remote_dir: str, tests: list[str], groups: lis
                 logs=[rel(out_file)], duration_s=round(elapsed, 3), group=GROUP))
 
         notes = [x for x in (logs_note if logs_note != "no logs directory" or setup_error else "",) if x]
-        if before is not None:
-            after, after_note = _dmesg(conn, dmesg_argv)
-            if after is None:
-                notes.append(after_note)
-            else:
-                delta = dmesg_delta(before, after)
-                found = splats.scan(delta)
-                if found:
-                    dm_file = local_log_dir / ("dmesg-new.txt" if len(invocations) == 1 else f"dmesg-new-{n}.txt")
-                    dm_file.write_text(delta)
-                    first = found[0]
-                    text = (f"kernel {first.kind} in dmesg during the run: {first.first_lines[0]}"
-                            + (f" (+{len(found) - 1} more splats)" if len(found) > 1 else ""))
-                    say(f"kvm-unit-tests: {text}")
-                    for r in new_records:
-                        if r.status == "skip":
-                            continue
-                        if r.status == "pass":
-                            r.status = "fail"
-                        r.detail = _join([text, r.detail], limit=2)
-                        r.logs.append(rel(dm_file))
-        elif dmesg_note:
-            notes.append(dmesg_note)
+        dm_file = local_log_dir / ("dmesg-new.txt" if len(invocations) == 1 else f"dmesg-new-{n}.txt")
+        splat = watch.check(dm_file)
+        if splat:
+            say(f"kvm-unit-tests: {splat}")
+            for r in new_records:
+                if r.status == "skip":
+                    continue
+                if r.status == "pass":
+                    r.status = "fail"
+                r.detail = _join([splat, r.detail], limit=2)
+                r.logs.append(rel(dm_file))
+        if watch.note:
+            notes.append(watch.note)
         for r in new_records:
             if notes:
                 r.detail = _join([r.detail, *notes], limit=4)
@@ -716,6 +689,177 @@ def run_kut(conn: HostConnection, remote_dir: str, tests: list[str], groups: lis
             for s in ("pass", "fail", "skip", "timeout", "error")
             if any(r.status == s for r in new_records)) + f" in {elapsed:.0f} s")
     return list(records.values())
+
+
+# -- source --------------------------------------------------------------------------------
+
+SOURCE_MARKER = ".kpatchtest-source.json"      # in a tree kut_source exported: {source, ref, commit}
+FETCH_TIMEOUT_S = 900
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|[A-Za-z0-9_.-]+@[A-Za-z0-9_.-]+:")   # scheme:// or scp-like
+_GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_SSH_COMMAND": "ssh -o BatchMode=yes", "LC_ALL": "C"}
+
+
+def _git_cmd(args: Sequence[str], *, timeout: float = 120, binary: bool = False) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE")}
+    env.update(_GIT_ENV)
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=not binary, env=env, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        what = next((a for a in (args[2:] if args[:1] == ["-C"] else args) if not a.startswith("-")), "")
+        raise KutError(f"git {what} gave no answer within {timeout:g} s") from None
+    except OSError as e:
+        raise KutError(f"cannot run git: {e}", hint="install git") from None
+
+
+def _git_message(text: str, default: str) -> str:
+    """git's own message: its first fatal:/error: line (the lines after it are advice)."""
+    lines = [x.strip() for x in (text or "").splitlines() if x.strip()]
+    for line in lines:
+        if line.startswith(("fatal:", "error:")):
+            return line
+    return lines[-1] if lines else default
+
+
+def _is_bare_repo(path: Path) -> bool:
+    r = _git_cmd(["-C", str(path), "rev-parse", "--is-bare-repository"], timeout=30)
+    return r.returncode == 0 and r.stdout.strip() == "true"
+
+
+def _is_checkout_top(path: Path) -> bool:
+    r = _git_cmd(["-C", str(path), "rev-parse", "--show-toplevel"], timeout=30)
+    return r.returncode == 0 and Path(r.stdout.strip()).resolve() == path.resolve()
+
+
+def _resolve(git_dir: Path, ref: str) -> str | None:
+    r = _git_cmd(["-C", str(git_dir), "rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}"],
+                 timeout=30)
+    return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else None
+
+
+def _export(git_dir: Path, commit: str, cache_dir: Path, meta: dict[str, str]) -> Path:
+    """The tree of `commit` as plain files in cache_dir/kut-src/trees/<commit> (made once)."""
+    trees = cache_dir / "kut-src" / "trees"
+    dest = trees / commit
+    if (dest / SOURCE_MARKER).is_file():
+        return dest
+    trees.mkdir(parents=True, exist_ok=True)
+    with exclusive(trees / f".{commit}.lock"):
+        if (dest / SOURCE_MARKER).is_file():
+            return dest
+        r = _git_cmd(["-C", str(git_dir), "archive", "--format=tar", commit], timeout=300, binary=True)
+        if r.returncode != 0:
+            raise KutError(f"cannot export kvm-unit-tests {commit[:12]}: "
+                           f"{_git_message(r.stderr.decode(errors='replace'), f'git archive exited {r.returncode}')}")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{commit[:12]}-", dir=trees))
+        try:
+            with tarfile.open(fileobj=io.BytesIO(r.stdout), mode="r:") as tar:
+                if hasattr(tarfile, "tar_filter"):          # Python >= 3.11.4
+                    tar.extractall(tmp, filter="tar")
+                else:
+                    tar.extractall(tmp)
+            (tmp / SOURCE_MARKER).write_text(json.dumps({**meta, "commit": commit}, indent=1) + "\n")
+            shutil.rmtree(dest, ignore_errors=True)        # a half-made tree from a crash
+            os.replace(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _ref_name(ref: str) -> str:
+    """Where a fetched ref is kept in the cache repo (so an offline run finds it again)."""
+    return "refs/kpatchtest/" + hashlib.sha256(ref.encode()).hexdigest()[:16]
+
+
+def kut_source(source: str | Path, ref: str | None, cache_dir: Path, offline: bool = False, *,
+               log: Callable[[str], None] | None = None) -> Path:
+    """A kvm-unit-tests source tree for build_kut, from a local directory or a git URL.
+
+    - a local directory (not a bare repository) without ref: returned as is (its working
+      tree, uncommitted changes included);
+    - a local checkout with ref: that ref's tree, exported into the cache;
+    - a URL (https://, http://, git://, ssh://, file://, user@host:path) or a path to a
+      bare repository: fetched (`git fetch URL +REF`, default HEAD) into a bare cache
+      repository cache_dir/kut-src/<hash of the URL>.git, then the commit's tree exported
+      into cache_dir/kut-src/trees/<commit>. A full commit id already in the cache is not
+      fetched again; a branch or tag is, unless offline, which uses what was fetched last.
+
+    Errors (KutError, one line): no such directory, unreachable URL, unknown ref, offline
+    with nothing cached.
+    """
+    say = log or (lambda m: None)
+    cache_dir = Path(cache_dir)
+    text = str(source)
+    if ref is not None and (not ref.strip() or ref.startswith("-") or any(c.isspace() for c in ref)):
+        raise KutError(f"bad kvm-unit-tests ref {ref!r}")
+    local = None if _URL.match(text) else Path(text).expanduser()
+    if local is not None:
+        if not local.exists():
+            raise KutError(f"kvm-unit-tests source {text} does not exist",
+                           hint="give a kvm-unit-tests checkout or a git URL")
+        if not local.is_dir():
+            raise KutError(f"kvm-unit-tests source {text} is not a directory")
+        local = local.resolve()
+        if not _is_bare_repo(local):
+            if ref is None:
+                return local
+            if not _is_checkout_top(local):
+                raise KutError(f"kvm-unit-tests source {local} is not a git checkout, so ref {ref} means nothing",
+                               hint="drop the ref to build the directory as it is")
+            commit = _resolve(local, ref)
+            if commit is None:
+                raise KutError(f"unknown ref {ref} in {local}")
+            return _export(local, commit, cache_dir, {"source": str(local), "ref": ref})
+        url = str(local)
+    else:
+        url = text
+
+    want = ref or "HEAD"
+    repo = cache_dir / "kut-src" / (hashlib.sha256(url.encode()).hexdigest()[:16] + ".git")
+    repo.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(repo.parent / f".{repo.name}.lock"):
+        created = not (repo / "HEAD").is_file()
+        if created:
+            r = _git_cmd(["init", "--bare", "--quiet", str(repo)], timeout=60)
+            if r.returncode != 0:
+                raise KutError(f"cannot create {repo}: {_git_message(r.stderr, 'git init failed')}")
+            _git_cmd(["-C", str(repo), "config", "kpatchtest.url", url], timeout=30)
+        keep = _ref_name(want)
+        commit_id = re.fullmatch(r"[0-9a-f]{7,64}", want) is not None
+        commit = _resolve(repo, want) if commit_id else None     # a commit id fetched before
+        if commit is None and offline:
+            commit = _resolve(repo, keep)
+            if commit is None:
+                raise KutError(f"kvm-unit-tests {url} ({want}) is not in the cache and the run is offline",
+                               hint="run once without --offline, or give a local checkout as the source")
+            say(f"kvm-unit-tests: offline, using {want} = {commit[:12]} fetched earlier from {url}")
+        elif commit is None:
+            say(f"kvm-unit-tests: fetching {want} from {url}")
+            r = _git_cmd(["-C", str(repo), "fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--",
+                          url, f"+{want}:{keep}"], timeout=FETCH_TIMEOUT_S)
+            if r.returncode != 0:
+                # reachable at all? then the ref is what is wrong
+                probe = _git_cmd(["-C", str(repo), "ls-remote", "--", url, "HEAD"], timeout=120)
+                if probe.returncode != 0:
+                    if created:
+                        shutil.rmtree(repo, ignore_errors=True)     # nothing to keep for a bad URL
+                    raise KutError(f"cannot reach kvm-unit-tests at {url}: "
+                                   f"{_git_message(probe.stderr or r.stderr, f'git fetch exited {r.returncode}')}")
+                if commit_id and len(want) < 40:
+                    # servers hand out full commit ids only: an abbreviated one needs the history
+                    r2 = _git_cmd(["-C", str(repo), "fetch", "--quiet", "--no-tags", "--no-write-fetch-head",
+                                   "--", url, "+refs/heads/*:refs/kpatchtest/heads/*",
+                                   "+refs/tags/*:refs/kpatchtest/tags/*"], timeout=FETCH_TIMEOUT_S)
+                    commit = _resolve(repo, want) if r2.returncode == 0 else None
+                    if commit is not None:
+                        _git_cmd(["-C", str(repo), "update-ref", keep, commit], timeout=30)
+                if commit is None:
+                    raise KutError(f"unknown ref {want} in {url}",
+                                   hint=_git_message(r.stderr, f"git fetch exited {r.returncode}"))
+            commit = commit or _resolve(repo, keep)
+            if commit is None:
+                raise KutError(f"{want} in {url} is not a commit")
+    return _export(repo, commit, cache_dir, {"source": url, "ref": want})
 
 
 # -- build and deploy --------------------------------------------------------------------
@@ -746,7 +890,20 @@ def _content_hash(source: Path) -> str:
 
 
 def _source_id(source: Path) -> tuple[str, str | None]:
-    """(cache identity, git HEAD or None): HEAD for a clean checkout, else a content hash."""
+    """(cache identity, git HEAD or None): the commit of a tree kut_source exported, HEAD
+    for a clean checkout, else a content hash. A directory that is not the top of its own
+    checkout (a plain tree somewhere inside another repository) goes by content."""
+    marker = source / SOURCE_MARKER
+    if marker.is_file():
+        try:
+            commit = json.loads(marker.read_text())["commit"]
+        except (ValueError, KeyError, TypeError):
+            commit = None
+        if isinstance(commit, str) and re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", commit):
+            return f"git:{commit}", commit
+    top = _git(source, "rev-parse", "--show-toplevel")
+    if not top or Path(top).resolve() != source:
+        return f"content:{_content_hash(source)}", None
     head = _git(source, "rev-parse", "--verify", "HEAD")
     if head and _git(source, "status", "--porcelain", "--untracked-files=no") == "":
         return f"git:{head}", head
