@@ -23,6 +23,7 @@ from tests.test_build import TDP, commit_change
 
 pytestmark = pytest.mark.slow
 
+STANDIN = Path(__file__).resolve().parent / "kut_standin"
 READS = 40          # CI size: ~160 SMM transitions per boot; a full-size run is benchmarks/smm_physics.py
 
 
@@ -39,7 +40,9 @@ def patched_commit(debian_trees, kpt_cache, tmp_path_factory):
 def test_pipeline_runs_workloads_on_each_boot(patched_commit, kpt_cache, tmp_path):
     """kpatchtest run with a workloads: section on kernels WITHOUT kprobes or tracepoints
     (the plain lab recipe): the SMM boot passes with wall times, every probe metric is
-    unavailable (None, never 0), and every report shows the workload."""
+    unavailable (None, never 0); kvm-unit-tests (the stand-in, built and deployed by the
+    stage) gives a pass with cycles and a failure shared by both builds; every report
+    shows the workloads."""
     from kpatchtest.cli import main
     git, commit = patched_commit
     mbox = tmp_path / "p.mbox"
@@ -59,9 +62,14 @@ lab:
 workloads:
   repetitions: 2
   smm_boot: {{reads: {READS}, timeout_s: 120}}
+  kvm_unit_tests:
+    source: {STANDIN}
+    tests: [vmexit_cr0_wp, hypercall]
+    env: {{ACCEL: kvm, KUT_STANDIN_SCENARIO: cycles=2468}}
+    timeout_s: 300
 gates:
   boot: booted
-  workloads: pass
+  workloads: no-new-failures
 """)
     out = tmp_path / "out"
     code = main(["run", str(spec), "--out", str(out), "--cache-dir", str(kpt_cache), "--offline", "-q"])
@@ -73,8 +81,12 @@ gates:
     assert set(runs) == {"baseline", "patched"}
     for w in runs.values():
         assert w["error"] is None and w["kernelrelease"] in {r["kernelrelease"] for r in b["boot"]}
-        (rec,) = w["records"]
-        assert rec["name"] == "smm-boot" and rec["status"] == "pass", rec["detail"]
+        recs = {r["name"]: r for r in w["records"]}
+        assert {n: r["status"] for n, r in recs.items()} == {"vmexit_cr0_wp": "pass", "hypercall": "fail",
+                                                             "smm-boot": "pass"}, recs
+        assert recs["vmexit_cr0_wp"]["metrics"][0]["values"] == [2468]
+        assert all((out / p).exists() for r in recs.values() for p in r["logs"])
+        rec = recs["smm-boot"]
         m = {x["name"]: x for x in rec["metrics"]}
         assert len(m["wall_time"]["values"]) == 2 and all(v > 0 for v in m["wall_time"]["values"])
         for name in ("smm_transitions", "root_lookups", "root_allocs"):
@@ -87,6 +99,9 @@ gates:
     assert props["smm_transitions.events.1"] == "n/a" and float(props["wall_time.s.1"]) > 0
     summary = (out / "summary.md").read_text()
     assert "smm-boot: 1 pass -> 1 pass" in summary and "n/a" in summary
+    # hypercall fails on both builds: the no-new-failures gate lets it through (exit 0 above)
+    assert "kvm-unit-tests: 1 pass, 1 fail -> 1 pass, 1 fail" in summary, summary
+    assert cases["kvm-unit-tests/hypercall patched on local-0"].find("failure") is not None
 
 
 def hanging_image(path: Path) -> Path:
