@@ -3,6 +3,7 @@ reuse without make, per-patch bisection, config verification, warnings delta."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -33,6 +34,24 @@ def commit_change(git: Git, parent: str, path: str, old: str, new: str, msg: str
     g.run("update-index", "--cacheinfo", f"100644,{blob},{path}")
     tree = g.out("write-tree")
     return git.out("commit-tree", tree, "-p", parent, "-m", msg)
+
+
+def harmless_commit(git: Git, parent: str, scratch: Path) -> str:
+    """A one-line change to tdp_mmu.c that changes nothing at run time: another kernel release."""
+    return commit_change(git, parent, TDP, "void kvm_mmu_uninit_tdp_mmu(struct kvm *kvm)\n{\n",
+                         "void kvm_mmu_uninit_tdp_mmu(struct kvm *kvm)\n{\n\tbarrier();\n",
+                         "KVM: x86/mmu: a harmless change to boot", scratch)
+
+
+def pipeline_spec(tmp_path: Path, git: Git, commit: str, name: str, rest: str, branch: str = "debian-6.1") -> Path:
+    """A spec whose series is `commit` as an mbox, on the Debian 6.1 tarball as `branch`;
+    `rest` is the YAML after the kernel: section (configs, lab, workloads, gates)."""
+    mbox = tmp_path / "p.mbox"
+    mbox.write_text(git.out("format-patch", "-1", "--stdout", commit) + "\n")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"name: {name}\nseries:\n  - mbox: {mbox}\nkernel:\n  branches:\n"
+                    f"    - {{name: {json.dumps(branch)}, tarball: /usr/src/linux-source-6.1.tar.xz}}\n" + rest)
+    return spec
 
 
 @pytest.fixture(scope="session")
@@ -148,16 +167,7 @@ def test_pipeline_build_stage_reuses_and_gates_new_warnings(kbuild, tmp_path, mo
     same trees as the fixture's builds, so nothing is compiled; the new warning fails the gate."""
     from kpatchtest.cli import main
     k = kbuild
-    mbox = tmp_path / "c1.mbox"
-    mbox.write_text(k["git"].out("format-patch", "-1", "--stdout", k["c1"]) + "\n")
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(f"""name: build-demo
-series:
-  - mbox: {mbox}
-kernel:
-  branches:
-    - {{name: debian-6.1, tarball: /usr/src/linux-source-6.1.tar.xz}}
-configs:
+    spec = pipeline_spec(tmp_path, k["git"], k["c1"], "build-demo", f"""configs:
   base: tinyconfig
   fragments: [x86_64-base.config, kvm.config, lab-qemu.config, {k['extra']}]
   required: [KVM, KVM_AMD, KPATCHTEST_REQUIRED]
@@ -168,7 +178,6 @@ gates:
     out = tmp_path / "out"
     assert main(["run", str(spec), "--out", str(out), "--cache-dir", str(k["cache"]), "--offline", "-q"]) == 1
     assert make_runs(calls) == []
-    import json
     res = json.loads((out / "results.json").read_text())
     b = res["branches"][0]
     assert b["apply"]["verdict"] == "clean"

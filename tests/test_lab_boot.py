@@ -14,7 +14,7 @@ from kpatchtest.lab.boot import Booter, KernelToBoot
 from kpatchtest.lab.local import LOCAL_TIMEOUTS, local_host
 from kpatchtest.lab.ssh import HostKeyRejected
 from tests.conftest_lab import build_lab_kernel
-from tests.test_build import LAB_FRAGMENTS, TDP, commit_change
+from tests.test_build import LAB_FRAGMENTS, harmless_commit, pipeline_spec
 
 pytestmark = pytest.mark.slow
 
@@ -25,9 +25,7 @@ NASTY = "run dir; $(touch PWNED) 'q' \"x\""
 def patched_kernel(debian_trees, kpt_cache, tmp_path_factory):
     """The lab kernel plus a harmless one-line change: another kernel release to boot."""
     git, trees = debian_trees
-    commit = commit_change(git, trees["6.1"].commit, TDP, "void kvm_mmu_uninit_tdp_mmu(struct kvm *kvm)\n{\n",
-                           "void kvm_mmu_uninit_tdp_mmu(struct kvm *kvm)\n{\n\tbarrier();\n",
-                           "KVM: x86/mmu: a harmless change to boot", tmp_path_factory.mktemp("pk"))
+    commit = harmless_commit(git, trees["6.1"].commit, tmp_path_factory.mktemp("pk"))
     bz, release = build_lab_kernel(git, commit, kpt_cache)
     return commit, bz, release
 
@@ -51,16 +49,7 @@ def test_pipeline_builds_and_boots_on_the_local_lab(patched_kernel, debian_trees
     from kpatchtest.cli import main
     git, _ = debian_trees
     commit, _, release = patched_kernel
-    mbox = tmp_path / "p.mbox"
-    mbox.write_text(git.out("format-patch", "-1", "--stdout", commit) + "\n")
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(f"""name: boot-demo
-series:
-  - mbox: {mbox}
-kernel:
-  branches:
-    - {{name: "debian 6.1; $(touch PWNED)", tarball: /usr/src/linux-source-6.1.tar.xz}}
-configs:
+    spec = pipeline_spec(tmp_path, git, commit, "boot-demo", branch="debian 6.1; $(touch PWNED)", rest=f"""configs:
   base: tinyconfig
   fragments: {list(LAB_FRAGMENTS)}
 lab:

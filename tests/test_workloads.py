@@ -19,7 +19,7 @@ from kpatchtest.spec import SmmBootSpec
 from kpatchtest.workloads.bootsector import make_boot_image
 from kpatchtest.workloads.smm_boot import image_for, run_smm_boot
 from tests.conftest_lab import LAB_FRAGMENTS, build_lab_kernel
-from tests.test_build import TDP, commit_change
+from tests.test_build import harmless_commit, pipeline_spec
 
 pytestmark = pytest.mark.slow
 
@@ -30,9 +30,7 @@ READS = 40          # CI size: ~160 SMM transitions per boot; a full-size run is
 @pytest.fixture(scope="module")
 def patched_commit(debian_trees, kpt_cache, tmp_path_factory):
     git, trees = debian_trees
-    commit = commit_change(git, trees["6.1"].commit, TDP, "void kvm_mmu_uninit_tdp_mmu(struct kvm *kvm)\n{\n",
-                           "void kvm_mmu_uninit_tdp_mmu(struct kvm *kvm)\n{\n\tbarrier();\n",
-                           "KVM: x86/mmu: a harmless change to boot", tmp_path_factory.mktemp("pk"))
+    commit = harmless_commit(git, trees["6.1"].commit, tmp_path_factory.mktemp("pk"))
     build_lab_kernel(git, commit, kpt_cache)        # the same build test_lab_boot.py made: reused
     return git, commit
 
@@ -45,16 +43,7 @@ def test_pipeline_runs_workloads_on_each_boot(patched_commit, kpt_cache, tmp_pat
     shows the workloads."""
     from kpatchtest.cli import main
     git, commit = patched_commit
-    mbox = tmp_path / "p.mbox"
-    mbox.write_text(git.out("format-patch", "-1", "--stdout", commit) + "\n")
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(f"""name: workloads-demo
-series:
-  - mbox: {mbox}
-kernel:
-  branches:
-    - {{name: debian-6.1, tarball: /usr/src/linux-source-6.1.tar.xz}}
-configs:
+    spec = pipeline_spec(tmp_path, git, commit, "workloads-demo", f"""configs:
   base: tinyconfig
   fragments: {list(LAB_FRAGMENTS)}
 lab:
