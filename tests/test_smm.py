@@ -164,6 +164,9 @@ def test_run_script_samples_kvm_debugfs_while_alive(tmp_path):
     (vm / "remote_tlb_flush").write_text("17\n")
     (vm / "exits").write_text("12345\n")
     (vm / "vcpu0").mkdir()
+    # a file whose read fails (6.1's mmu_rmaps_stat on a TDP-MMU VM) must not void the
+    # sample: /proc/self/mem is a regular file whose read at offset 0 fails, even for root
+    (vm / "mmu_rmaps_stat").symlink_to("/proc/self/mem")
     r = LocalRunner().run(["sh", "-c", RUN_SCRIPT, "sh", "10", str(tmp_path / "kvm"), "sleep", "0.5"],
                           timeout=30, check=False)
     code, secs, stats = parse_run_output(r.stdout)
@@ -343,25 +346,35 @@ def _run_guarded(argv: list[str], env: dict[str, str]) -> subprocess.CompletedPr
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
 
 
-@pytest.mark.parametrize("shell", [s for s in ("dash", "busybox") if shutil.which(s)])
-def test_scripts_against_a_fake_tracefs(tmp_path, shell):
-    t = _fake_tracefs(tmp_path)
+def _setup_on_fake(tmp_path, t, shell, kallsyms_text):
+    """setup_script() in `shell` against the fake tracefs `t` and this kallsyms text."""
     kallsyms = tmp_path / "kallsyms"
-    kallsyms.write_text("ffffffff81a00000 t tdp_mmu_free_sp_rcu_callback.constprop.0\n"
-                        "ffffffff81a00100 T kvm_tdp_mmu_put_root\n")
+    kallsyms.write_text(kallsyms_text)
     env = dict(os.environ, KPT_TRACEFS=str(t), KPT_KALLSYMS=str(kallsyms), TMPDIR=str(tmp_path))
     sh = [shell, "sh"] if shell == "busybox" else [shell]
     setup = _run_guarded(sh + ["-c", P.setup_script(4096)], env)
     assert setup.returncode == 0, setup.stderr
-    states = {(s.metric, s.target): s.status for s in P.parse_setup(setup.stdout)}
+    return env, sh, setup, {(s.metric, s.target): s.status for s in P.parse_setup(setup.stdout)}
+
+
+@pytest.mark.parametrize("shell", [s for s in ("dash", "busybox") if shutil.which(s)])
+def test_scripts_against_a_fake_tracefs(tmp_path, shell):
+    t = _fake_tracefs(tmp_path)
+    env, sh, setup, states = _setup_on_fake(tmp_path, t, shell,
+                                            "ffffffff81a00000 t tdp_mmu_free_sp_rcu_callback.constprop.0\n"
+                                            "ffffffff81a00100 T kvm_tdp_mmu_put_root\n"
+                                            "ffffffff81a00200 T kvm_tdp_mmu_get_vcpu_root_hpa\n"
+                                            "ffffffff81a00300 T kvm_tdp_mmu_map\n")
     assert states[("smm_transitions", "kvm:kvm_smm_transition")] == "registered"
     assert states[("smm_transitions", "kvm:kvm_enter_smm")] == "skipped"
     assert states[("roots_freed", "kvm_tdp_mmu_free_root")] == "missing"
     assert states[("fast_zaps", "kvmmmu:kvm_mmu_zap_all_fast")] == "missing"
     events = (t / "kprobe_events").read_text()
-    assert "p:kpt/root_allocs alloc_tdp_mmu_page level=%dx:b4@0/32" in events
+    # root allocations on 5.10: alloc_tdp_mmu_page called from the root lookup only
+    assert "p:kpt/root_allocs alloc_tdp_mmu_page caller=$stack0:x64" in events
     assert "-:kpt/roots_freed" in events                      # a probe that did not take is removed
-    assert (t / "events/kpt/root_allocs/filter").read_text().strip() == "level >= 4"
+    assert ((t / "events/kpt/root_allocs/filter").read_text().strip()
+            == "(caller >= 0xffffffff81a00200 && caller < 0xffffffff81a00300)")
     assert (t / "events/kvm/kvm_smm_transition/enable").read_text().strip() == "1"
     assert (t / "buffer_size_kb").read_text().strip() == "4096"
     assert (t / "tracing_on").read_text().strip() == "1"
@@ -385,6 +398,76 @@ def test_scripts_against_a_fake_tracefs(tmp_path, shell):
     assert (t / "tracing_on").read_text().strip() == "0"
     assert (t / "buffer_size_kb").read_text().strip() == "1408"
     assert "-:kpt/root_lookups" in (t / "kprobe_events").read_text()
+
+
+@pytest.mark.parametrize("shell", [s for s in ("dash", "busybox") if shutil.which(s)])
+def test_caller_filter_ranges_and_missing_callers(tmp_path, shell):
+    """`callers`: ranges from kallsyms (clones and .cold parts included, up to the next text
+    symbol, module symbols too); with none of the callers in kallsyms the candidate does
+    not take and the next one is tried."""
+    t = _fake_tracefs(tmp_path)
+    (t / "events/kpt/tdp_pages_freed").mkdir(exist_ok=True)
+    env, sh, setup, states = _setup_on_fake(tmp_path, t, shell, "ffffffff81000000 T _stext\n"
+                                            "ffffffff81055100 t __handle_changed_spte.constprop.0\n"
+                                            "ffffffff81055200 d some_data\n"
+                                            "ffffffff81055400 t zap_gfn_range\n"
+                                            "ffffffff810560b7 T kvm_tdp_mmu_free_root\n"
+                                            "ffffffff81056136 t tdp_mmu_put_root\n"
+                                            "ffffffffa0001000 t kvm_tdp_mmu_free_root.cold\t[kvm]\n"
+                                            "ffffffffa0001040 t other_cold\t[kvm]\n")
+    # no kvm_tdp_mmu_get_vcpu_root_hpa / get_tdp_mmu_vcpu_root: the 5.10 root candidate
+    # does not take, the next one (tdp_mmu_init_sp, filtered on sptep) does
+    assert states[("root_allocs", "alloc_tdp_mmu_page")] == "missing"
+    assert states[("root_allocs", "tdp_mmu_init_sp")] == "registered"
+    assert (t / "events/kpt/root_allocs/filter").read_text().strip() == "sptep == 0"
+    # tdp_pages_freed: the fake registers whatever is tried first; to reach the 5.10
+    # candidate (free_pages from the functions that free TDP pages), skip the 6.x ones
+    script = re.sub(r"kpt_try tdp_pages_freed kprobe tdp_mmu_free_sp\S* [^&]*&&", "false &&",
+                    P.setup_script(4096))
+    assert script.count("false &&") == 2
+    setup = _run_guarded(sh + ["-c", script], env)
+    assert setup.returncode == 0, setup.stderr
+    states = {(s.metric, s.target): s.status for s in P.parse_setup(setup.stdout)}
+    assert states[("tdp_pages_freed", "free_pages")] == "registered"
+    filt = (t / "events/kpt/tdp_pages_freed/filter").read_text().strip()
+    parts = sorted(filt.split(" || "))
+    assert parts == ["(caller >= 0xffffffff81055100 && caller < 0xffffffff81055400)",
+                     "(caller >= 0xffffffff810560b7 && caller < 0xffffffff81056136)",
+                     "(caller >= 0xffffffffa0001000 && caller < 0xffffffffa0001040)"]
+    assert "p:kpt/tdp_pages_freed free_pages caller=$stack0:x64" in (t / "kprobe_events").read_text()
+
+
+def test_hot_probes_only_on_request():
+    """_raw_spin_lock (6.x roots freed) is tried only with hot=True: the pipeline's
+    probed boots must not pay for it."""
+    hot = [(m.metric, c.target) for m in P.PROBES for c in m.candidates if c.hot]
+    assert ("roots_freed", "_raw_spin_lock") in hot
+    assert "kpt_try roots_freed kprobe _raw_spin_lock" not in P.setup_script()
+    assert "echo 'kpt-probe roots_freed kprobe _raw_spin_lock skipped'" in P.setup_script()
+    assert "kpt_try roots_freed kprobe _raw_spin_lock" in P.setup_script(hot=True)
+    setup = SETUP_61.replace("kpt-probe roots_freed kprobe kvm_tdp_mmu_free_root missing\n",
+                             "kpt-probe roots_freed kprobe kvm_tdp_mmu_free_root missing\n"
+                             "kpt-probe roots_freed kprobe _raw_spin_lock skipped\n")
+    r = P.read_probes(setup, _collect_out())["roots_freed"]
+    assert r.value is None and "_raw_spin_lock (hot probe, off)" in r.note
+
+
+def test_missed_hits_of_a_trace_counted_kprobe_are_noted():
+    setup = SETUP_61.replace("kpt-probe roots_freed kprobe kvm_tdp_mmu_free_root missing\n",
+                             "kpt-probe roots_freed kprobe kvm_tdp_mmu_free_root missing\n"
+                             "kpt-probe roots_freed kprobe _raw_spin_lock registered _raw_spin_lock\n")
+    collect = _collect_out() + "kpt-profile roots_freed 18619 54\nkpt-count roots_freed 7\n"
+    r = P.read_probes(setup, collect)["roots_freed"]
+    assert r.value == 7 and "54 missed hits of 18673" in r.note
+    assert r.probe == "kprobe:_raw_spin_lock from kvm_tdp_mmu_put_root"
+
+
+def test_callers_need_a_filtered_kprobe_counted_from_trace():
+    bad = P.MetricProbes("x", "calls", "", (P.Candidate("kprobe", "f", callers=("g",)),))
+    with pytest.raises(ValueError):
+        P._validate((bad,))
+    ok = P.MetricProbes("x", "calls", "", (P.Candidate("kprobe", "f", callers=("g",), count="trace"),))
+    P._validate((ok,))
 
 
 # --- the probe table against the Debian sources (slow: decompresses the tarballs) ---------
@@ -417,6 +500,10 @@ def test_probe_table_matches_debian_sources(version):
                 continue
             if c.kind == "tracepoint":
                 assert re.search(rf"TRACE_EVENT\(\s*{c.target.split(':')[1]}\b", headers), c.label
+                continue
+            if c.callers:       # a core kernel function, counted when called from KVM's
+                assert any(re.search(rf"^(static\s+)?[\w \*]*\b{f}\(", c_files, re.M) for f in c.callers), \
+                    f"{c.label}: no caller defined in {version}"
                 continue
             d = re.search(rf"^(static\s+)?[\w \*]*\b{c.target}\(", c_files, re.M)
             assert d, f"{c.label} not defined in {version}"

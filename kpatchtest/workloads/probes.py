@@ -7,11 +7,18 @@ The names differ by kernel version (checked against the Debian trees 5.10.223,
 |---|---|---|---|
 | smm_transitions | tracepoint kvm:kvm_enter_smm | kvm:kvm_smm_transition | kvm:kvm_smm_transition |
 | root_lookups | kvm_tdp_mmu_get_vcpu_root_hpa | kvm_tdp_mmu_get_vcpu_root_hpa | kvm_tdp_mmu_alloc_root |
-| root_allocs | alloc_tdp_mmu_page (static) with level >= 4 | tdp_mmu_init_sp (static) with sptep == NULL if not inlined, else kretprobe kvm_tdp_mmu_get_vcpu_root_hpa counting distinct roots | tdp_mmu_init_sp if not inlined, else none |
-| roots_freed | kvm_tdp_mmu_free_root | - (final put frees via call_rcu) | - |
+| root_allocs | alloc_tdp_mmu_page (static) called from kvm_tdp_mmu_get_vcpu_root_hpa | tdp_mmu_init_sp (static) with sptep == NULL if not inlined, else kretprobe kvm_tdp_mmu_get_vcpu_root_hpa counting distinct roots | tdp_mmu_init_sp if not inlined, else none |
+| roots_freed | kvm_tdp_mmu_free_root | _raw_spin_lock called from kvm_tdp_mmu_put_root (the final put; call_rcu itself is a tail call) | same |
 | root_puts | - (kvm_mmu_put_root is static inline) | kvm_tdp_mmu_put_root | kvm_tdp_mmu_put_root |
-| tdp_pages_allocated | alloc_tdp_mmu_page (static) | tdp_mmu_alloc_sp (static, inlined in practice) | tdp_mmu_alloc_sp (static) |
-| tdp_pages_freed | (not checked: no 5.10 tree here; tried anyway) | tdp_mmu_free_sp_rcu_callback (static, address taken: never inlined), else tdp_mmu_free_sp (static) | same |
+| tdp_pages_allocated | alloc_tdp_mmu_page (static) | tdp_mmu_alloc_sp (static, inlined in practice), else tracepoint kvmmmu:kvm_mmu_get_page (tdp_mmu_init_sp traces every TDP MMU page) | same |
+| tdp_pages_freed | free_pages called from __handle_changed_spte or kvm_tdp_mmu_free_root | tdp_mmu_free_sp_rcu_callback (static, address taken: never inlined), else tdp_mmu_free_sp (static) | same |
+
+5.10 rows measured on a 5.10.223 tiny KVM build (kvm.tdp_mmu=1, 200 reads): 5.10's
+kvm_tdp_mmu_map allocates a child table with the *parent's* level
+(`alloc_tdp_mmu_page(vcpu, iter.gfn, iter.level)`), so the first child of every root is
+labelled level 4 as well, and a `level >= 4` filter counted each root twice (1662 for 827
+roots). Roots are therefore counted by call site: the calls of alloc_tdp_mmu_page made
+from kvm_tdp_mmu_get_vcpu_root_hpa (get_tdp_mmu_vcpu_root is inlined there).
 
 Static functions may be inlined, or emitted as a `.constprop.N` / `.isra.N` / `.part.N`
 clone: a probe is *tried* on the running kernel, never assumed. kvm_tdp_mmu_get_root is
@@ -22,7 +29,17 @@ HIST_TRIGGERS, FUNCTION_TRACER optional):
 - a plain kprobe is counted from `kprobe_profile` (hits; not limited by the buffer);
 - tracepoints and filtered kprobes by counting their lines in `trace` (one awk pass);
   if any CPU's ring buffer overran, those counts are unknown (None), never a low number;
-- `distinct`: the number of different values of one field (distinct root addresses).
+- `distinct`: the number of different values of one field (distinct root addresses);
+- `hot`: a probe on a function the whole kernel calls all the time (_raw_spin_lock): it
+  slows every probed run and, on one CPU, makes the other kprobes miss hits that arrive
+  (softirqs, RCU callbacks) while its handler runs. Tried only with
+  `setup_script(hot=True)` (`run_probed(..., hot=True)`); the pipeline leaves it off;
+- `callers`: a kprobe at a function's entry that counts only the calls made from the
+  listed functions: the probe fetches its return address (`$stack0`) and its filter keeps
+  the address ranges of those functions, taken from /proc/kallsyms on the host (start to
+  the next text symbol; .constprop/.isra/.part/.cold clones included). Listed functions
+  missing from kallsyms are ignored; if none is there the probe does not take. A caller
+  that reaches the function by a tail call (jmp) is invisible: its calls do not count.
 
 Flow on the lab host, as root: `setup_script()` before the boot (registers, enables,
 clears the buffer), the boot, `collect_script()` (stops tracing, prints counts, removes
@@ -61,10 +78,12 @@ class Candidate:
     count: CountBy = "profile"
     field: str = ""               # for count == "distinct"
     note: str = ""
+    callers: tuple[str, ...] = () # kprobe: count only calls from these functions (see above)
+    hot: bool = False             # on a hot kernel function: tried only with setup_script(hot=True)
 
     @property
     def label(self) -> str:
-        return f"{self.kind}:{self.target}"
+        return f"{self.kind}:{self.target}" + (f" from {'|'.join(self.callers)}" if self.callers else "")
 
     def event(self, metric: str) -> str:
         """The event name as it appears in `trace` and `kprobe_profile`."""
@@ -96,11 +115,10 @@ PROBES: tuple[MetricProbes, ...] = (
             note="fallback: also counts non-TDP-MMU direct roots"),
     )),
     MetricProbes("root_allocs", "roots", "TDP MMU roots created", (
-        _kp("alloc_tdp_mmu_page", "5.10", static=True, fetch="level=%dx:b4@0/32",
-            filter="level >= 4", count="trace",
-            note="roots are the pages allocated at the root level (4 with 4-level NPT/EPT); "
-                 "bits 0-3 of the third argument are the level both as `int level` (5.10) "
-                 "and as `union kvm_mmu_page_role` (a later form of this function)"),
+        _kp("alloc_tdp_mmu_page", "5.10", static=True, count="trace",
+            callers=("kvm_tdp_mmu_get_vcpu_root_hpa", "get_tdp_mmu_vcpu_root"),
+            note="the page allocations made by the root lookup; not a level filter: 5.10 "
+                 "labels a root's first child table with the root's level too"),
         _kp("tdp_mmu_init_sp", "6.1 6.12", static=True, fetch="sptep=%si:u64",
             filter="sptep == 0", count="trace", note="a root has no parent SPTE; often inlined"),
         Candidate("kretprobe", "kvm_tdp_mmu_get_vcpu_root_hpa", "5.10 6.1", fetch="hpa=$retval:x64",
@@ -109,8 +127,11 @@ PROBES: tuple[MetricProbes, ...] = (
                        "a lower bound when freed roots' pages are reused (5.10)"),
     )),
     MetricProbes("roots_freed", "roots", "TDP MMU roots torn down", (
-        _kp("kvm_tdp_mmu_free_root", "5.10", note="6.x frees the last reference via call_rcu, "
-            "indistinguishable from page frees"),
+        _kp("kvm_tdp_mmu_free_root", "5.10"),
+        _kp("_raw_spin_lock", "6.1 6.12", count="trace", callers=("kvm_tdp_mmu_put_root",), hot=True,
+            note="6.x: the final put of a root (only that path of kvm_tdp_mmu_put_root) takes "
+                 "tdp_mmu_pages_lock before call_rcu frees it; a hot function: probed runs are "
+                 "slower, and this and other kprobes can miss hits (noted) while it runs"),
     )),
     MetricProbes("root_puts", "calls", "TDP MMU root references dropped", (
         _kp("kvm_tdp_mmu_put_root", "6.1 6.12"),
@@ -118,11 +139,19 @@ PROBES: tuple[MetricProbes, ...] = (
     MetricProbes("tdp_pages_allocated", "pages", "TDP MMU page-table pages allocated", (
         _kp("alloc_tdp_mmu_page", "5.10", static=True),
         _kp("tdp_mmu_alloc_sp", "6.1 6.12", static=True, note="inlined on 6.1.192 tiny builds"),
+        Candidate("tracepoint", "kvmmmu:kvm_mmu_get_page", "6.1 6.12", count="trace",
+                  note="traced by tdp_mmu_init_sp for every TDP MMU page, roots included (6.x; "
+                       "5.10 traces only non-root pages); also counts shadow-MMU pages, which a "
+                       "host running its guests on the TDP MMU does not create"),
     )),
     MetricProbes("tdp_pages_freed", "pages", "TDP MMU page-table pages freed", (
         _kp("tdp_mmu_free_sp_rcu_callback", "6.1 6.12", static=True,
             note="an RCU callback: its address is taken, so it is never fully inlined"),
         _kp("tdp_mmu_free_sp", "6.1 6.12", static=True),
+        _kp("free_pages", "5.10", count="trace",
+            callers=("__handle_changed_spte", "handle_changed_spte", "kvm_tdp_mmu_free_root"),
+            note="5.10 frees each TDP MMU page table with free_page() right there: the "
+                 "subtree in __handle_changed_spte, the root page in kvm_tdp_mmu_free_root"),
     )),
     MetricProbes("fast_zaps", "events", "kvm_mmu_zap_all_fast (memslot changes)", (
         Candidate("tracepoint", "kvmmmu:kvm_mmu_zap_all_fast", "5.10 6.1 6.12", count="trace"),
@@ -140,8 +169,12 @@ def _validate(probes: tuple[MetricProbes, ...]) -> None:
                 raise ValueError(f"bad probe target {c.target!r}")
             if c.count == "distinct" and not _NAME.match(c.field):
                 raise ValueError(f"bad distinct field {c.field!r}")
-            if c.kind != "tracepoint" and c.count == "profile" and c.filter:
+            if c.kind != "tracepoint" and c.count == "profile" and (c.filter or c.callers):
                 raise ValueError(f"{c.label}: a filtered kprobe must be counted from trace")
+            if c.callers and (c.kind != "kprobe" or not all(_NAME.match(f) for f in c.callers)):
+                raise ValueError(f"{c.label}: callers need a kprobe and function names")
+            if c.kind == "tracepoint" and c.filter:
+                raise ValueError(f"{c.label}: tracepoints take no filter here")
 
 
 _validate(PROBES)
@@ -192,7 +225,7 @@ def _tracepoint_list() -> str:
     return " ".join(tps)
 
 
-def setup_script(buffer_kb: int = DEFAULT_BUFFER_KB) -> str:
+def setup_script(buffer_kb: int = DEFAULT_BUFFER_KB, hot: bool = False) -> str:
     """Shell text (POSIX sh, busybox is enough) to run as root before a measured boot.
 
     Removes earlier kpt probes, sets the per-CPU buffer to `buffer_kb` (the old size is
@@ -202,7 +235,8 @@ def setup_script(buffer_kb: int = DEFAULT_BUFFER_KB) -> str:
         kpt-tracefs PATH|none
         kpt-probe METRIC KIND TARGET registered|missing|skipped [SYMBOL]
 
-    one line per candidate ("skipped": an earlier candidate took). Exits 0.
+    one line per candidate ("skipped": an earlier candidate took, or a `hot` candidate
+    without `hot`). Exits 0.
     """
     if not 1 <= int(buffer_kb) <= 1 << 20:
         raise ValueError(f"buffer_kb out of range: {buffer_kb}")
@@ -220,9 +254,34 @@ else
     echo > "$T/trace"
 fi
 
-# kpt_try METRIC KIND TARGET DEFINITION FILTER CLONES -> 0 when the probe took
+# kpt_callers FUNC... -> a filter keeping "caller" (a return address) inside those
+# functions (and their clones): start address to the next text symbol. Prints nothing if
+# none of them is in kallsyms (or its addresses are hidden). Hex addresses of one width
+# compare as strings.
+kpt_callers() {
+    ksyms=${KPT_KALLSYMS:-/proc/kallsyms}
+    [ -r "$ksyms" ] || return 0
+    awk -v want=" $* " '
+    NR == FNR {
+        if ($2 !~ /^[tTwW]$/ || $1 ~ /^0+$/) next
+        n = $3; sub(/\.cold$/, "", n); sub(/\.(constprop|isra|part)\.[0-9]+$/, "", n)
+        if (index(want, " " n " ")) start[$1 ""] = 1
+        next
+    }
+    $2 ~ /^[tTwW]$/ {
+        a = $1 ""
+        for (s in start) if (a > s && (!(s in end) || a < end[s])) end[s] = a
+    }
+    END {
+        f = ""
+        for (s in start) if (s in end) f = f (f == "" ? "" : " || ") "(caller >= 0x" s " && caller < 0x" end[s] ")"
+        print f
+    }' "$ksyms" "$ksyms"
+}
+
+# kpt_try METRIC KIND TARGET DEFINITION FILTER CLONES CALLERS -> 0 when the probe took
 kpt_try() {
-    metric=$1 kind=$2 target=$3 def=$4 filt=$5 clones=$6
+    metric=$1 kind=$2 target=$3 def=$4 filt=$5 clones=$6 callers=$7
     if [ "$tracefs" != 1 ]; then echo "kpt-probe $metric $kind $target missing"; return 1; fi
     if [ "$kind" = tracepoint ]; then
         d="$T/events/${target%%:*}/${target#*:}"
@@ -232,6 +291,11 @@ kpt_try() {
         echo "kpt-probe $metric $kind $target missing"; return 1
     fi
     [ -f "$T/kprobe_events" ] || { echo "kpt-probe $metric $kind $target missing"; return 1; }
+    if [ -n "$callers" ]; then
+        cf=$(kpt_callers $callers)
+        [ -n "$cf" ] || { echo "kpt-probe $metric $kind $target missing"; return 1; }
+        if [ -n "$filt" ]; then filt="($cf) && ($filt)"; else filt=$cf; fi
+    fi
     syms=$target
     ksyms=${KPT_KALLSYMS:-/proc/kallsyms}
     if [ "$clones" = 1 ] && [ -r "$ksyms" ]; then
@@ -256,21 +320,22 @@ kpt_try() {
 """]
     out.insert(3, f"KPT_BUFFER_KB={int(buffer_kb)}")
     for m in PROBES:
-        first = True
+        out.append("took=0")
         for c in m.candidates:
+            skipped = f"echo {shlex.quote(f'kpt-probe {m.metric} {c.kind} {c.target} skipped')}"
+            if c.hot and not hot:
+                out.append(skipped)
+                continue
             if c.kind == "tracepoint":
                 definition = ""
             else:
                 prefix = "p" if c.kind == "kprobe" else "r"
-                definition = f"{prefix}:{GROUP}/{m.metric} @SYM@" + (f" {c.fetch}" if c.fetch else "")
+                fetch = " ".join(f for f in (c.fetch, "caller=$stack0:x64" if c.callers else "") if f)
+                definition = f"{prefix}:{GROUP}/{m.metric} @SYM@" + (f" {fetch}" if fetch else "")
             args = " ".join(shlex.quote(a) for a in (
-                m.metric, c.kind, c.target, definition, c.filter, "1" if c.static and not c.fetch else "0"))
-            if first:
-                out.append(f"took=0; kpt_try {args} && took=1")
-                first = False
-            else:
-                out.append(f"if [ $took = 0 ]; then kpt_try {args} && took=1; "
-                           f"else echo {shlex.quote(f'kpt-probe {m.metric} {c.kind} {c.target} skipped')}; fi")
+                m.metric, c.kind, c.target, definition, c.filter, "1" if c.static and not c.fetch else "0",
+                " ".join(c.callers)))
+            out.append(f"if [ $took = 0 ]; then kpt_try {args} && took=1; else {skipped}; fi")
     out.append('[ "$tracefs" = 1 ] && echo 1 > "$T/tracing_on"')
     out.append("exit 0")
     return "\n".join(out) + "\n"
@@ -472,8 +537,13 @@ def read_probes(setup_out: str, collect_out: str) -> dict[str, ProbeReading]:
     for m in PROBES:
         took = [s for s in states if s.metric == m.metric and s.status == "registered"]
         if not took:
-            tried = ", ".join(f"{c.target}" for c in m.candidates)
-            out[m.metric] = ProbeReading(m.metric, m.unit, None, None, f"no probe took (tried {tried})")
+            mine = [s for s in states if s.metric == m.metric]
+            tried = [s.target for s in mine if s.status == "missing"] if mine else [c.target for c in m.candidates]
+            hot_off = [s.target for s in mine if s.status == "skipped"]
+            note = f"no probe took (tried {', '.join(tried) or 'none'})"
+            if hot_off:
+                note += f"; not tried: {', '.join(hot_off)} (hot probe, off)"
+            out[m.metric] = ProbeReading(m.metric, m.unit, None, None, note)
             continue
         s = took[0]
         found = _candidate(s.metric, s.kind, s.target)
@@ -481,7 +551,8 @@ def read_probes(setup_out: str, collect_out: str) -> dict[str, ProbeReading]:
             out[m.metric] = ProbeReading(m.metric, m.unit, None, None, f"unknown probe {s.kind}:{s.target}")
             continue
         _, c = found
-        label = c.label + (f" ({s.symbol})" if s.symbol and s.symbol != c.target.split(":")[-1] else "")
+        label = c.label + (f" ({s.symbol})" if s.symbol and s.symbol not in (c.target, c.target.split(":")[-1])
+                           else "")
         ev = c.event(m.metric)
         value: int | None
         note = c.note
@@ -495,6 +566,9 @@ def read_probes(setup_out: str, collect_out: str) -> dict[str, ProbeReading]:
             if hit is None:
                 note = "not in kprobe_profile"
         else:
+            hit = (col.profile or {}).get(ev) if c.kind != "tracepoint" else None
+            if hit and hit[1]:      # the handler did not run for those: a filtered count may be low
+                note = (note + "; " if note else "") + f"{hit[1]} missed hits of {hit[0] + hit[1]}"
             if col.overran:
                 value, note = None, "trace ring buffer overran: count unknown (raise buffer_kb)"
             elif c.count == "trace":
