@@ -149,7 +149,8 @@ def test_smm_heavy_boot_counts_transitions_and_roots_on_6_1(traced_host, tmp_pat
     assert probes["root_lookups"].startswith("kprobe:kvm_tdp_mmu_get_vcpu_root_hpa")
     assert all(v >= smm.values[0] / 2 for v in lookups.values), lookups   # a root reload per SMM switch
     allocs = metric(record, "root_allocs")
-    assert allocs.available and all(1 <= v <= 8 for v in allocs.values), allocs   # preserved: a handful
+    # preserved: a handful (7 at 200 reads, from memslot changes), not one per SMM switch as on 5.10
+    assert allocs.available and all(1 <= v <= 16 and v < s / 10 for v, s in zip(allocs.values, smm.values)), allocs
     assert all(v is not None and v > 0 for v in metric(record, "guest_time").values)
     assert all((tmp_path / p).exists() for p in record.logs)
 
