@@ -18,6 +18,7 @@ from kpatchtest.results import BootResult, BranchResult, WorkloadRun
 from kpatchtest.spec import WorkloadsSpec
 from kpatchtest.workloads import kut
 from kpatchtest.workloads.record import WorkloadRecord
+from kpatchtest.workloads.smm_boot import NAME as SMM_NAME
 from kpatchtest.workloads.smm_boot import image_for, run_smm_boot
 
 REMOTE_KUT = "/var/tmp/kpatchtest/kvm-unit-tests"
@@ -65,18 +66,34 @@ class Workloads:
         conn = HostConnection(host, log=self.log)
         try:
             conn.open()
-            if self.spec.kvm_unit_tests is not None:
-                wr.records += self._kvm_unit_tests(conn, out, say)
-            if self.spec.smm_boot is not None and self.smm_image is not None:
-                record, wr.probes = run_smm_boot(conn, self.spec.smm_boot, self.smm_image, self.spec.repetitions,
-                                                 out / "smm-boot", self.run_dir, log=say)
-                wr.records.append(record)
         except KpatchtestError as e:
             wr.error = f"{host.name}: {e}"
-            say(f"workloads stopped: {e}")
+            say(f"workloads not run: {e}")
+            branch.workloads.append(wr)
+            return
+        # One workload's failure to run (a deploy that fails, a host that stops answering)
+        # is that workload's error record; the others still run and keep their results.
+        try:
+            if self.spec.kvm_unit_tests is not None:
+                try:
+                    wr.records += self._kvm_unit_tests(conn, out, say)
+                except KpatchtestError as e:
+                    wr.records.append(self._error_record("kvm-unit-tests", kut.GROUP, e, say))
+            if self.spec.smm_boot is not None and self.smm_image is not None:
+                try:
+                    record, wr.probes = run_smm_boot(conn, self.spec.smm_boot, self.smm_image,
+                                                     self.spec.repetitions, out / "smm-boot", self.run_dir, log=say)
+                    wr.records.append(record)
+                except KpatchtestError as e:
+                    wr.records.append(self._error_record(SMM_NAME, SMM_NAME, e, say))
         finally:
             conn.close()
         branch.workloads.append(wr)
+
+    @staticmethod
+    def _error_record(name: str, group: str, e: KpatchtestError, say: Callable[[str], None]) -> WorkloadRecord:
+        say(f"{name}: {e}")
+        return WorkloadRecord(name=name, status="error", group=group, detail=str(e))
 
     def not_run(self, host: HostSpec, branch: BranchResult, boot: BootResult, reason: str) -> None:
         wr = self._new_run(host, boot)
