@@ -249,17 +249,15 @@ def _program(reads: int, sectors_per_read: int, spread_mb: int, disk_sectors: in
     a.jcc(JNZ, "read", "jnz read")
 
     # --- exits ---------------------------------------------------------------------
-    a.label("done")
-    a.emit(bytes([0xB0, STATUS_OK]), f"mov al, {STATUS_OK:#x}             ; success: QEMU exits {EXIT_OK}")
-    a.jcc(JMP, "exit", "jmp exit")
-    a.label("read_error")
-    a.emit(bytes([0xB0, STATUS_READ_ERROR]), f"mov al, {STATUS_READ_ERROR:#x}             ; read error: exit {EXIT_READ_ERROR}")
-    a.jcc(JMP, "exit", "jmp exit")
-    a.label("move_error")
-    a.emit(bytes([0xB0, STATUS_MOVE_ERROR]), f"mov al, {STATUS_MOVE_ERROR:#x}             ; block move error: exit {EXIT_MOVE_ERROR}")
-    a.jcc(JMP, "exit", "jmp exit")
-    a.label("no_edd")
-    a.emit(bytes([0xB0, STATUS_NO_EDD]), f"mov al, {STATUS_NO_EDD:#x}             ; no int 13h extensions: exit {EXIT_NO_EDD}")
+    exits = (("done", STATUS_OK, f"success: QEMU exits {EXIT_OK}"),
+             ("read_error", STATUS_READ_ERROR, f"read error: exit {EXIT_READ_ERROR}"),
+             ("move_error", STATUS_MOVE_ERROR, f"block move error: exit {EXIT_MOVE_ERROR}"),
+             ("no_edd", STATUS_NO_EDD, f"no int 13h extensions: exit {EXIT_NO_EDD}"))
+    for label, status, what in exits:
+        a.label(label)
+        a.emit(bytes([0xB0, status]), f"mov al, {status:#x}             ; {what}")
+        if label != exits[-1][0]:       # the last one falls through to exit
+            a.jcc(JMP, "exit", "jmp exit")
     a.label("exit")
     a.emit(bytes([0xE6, DEBUG_EXIT_PORT]), "out 0xf4, al             ; isa-debug-exit: QEMU exits (al<<1)|1")
     a.label("halt")

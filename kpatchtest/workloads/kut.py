@@ -868,9 +868,10 @@ _BUILD_IGNORE = shutil.ignore_patterns(".git", "logs", "logs.old", "*.o", "*.d",
 
 
 def _git(source: Path, *args: str) -> str | None:
+    """git's answer about `source`, or None when git fails (the caller then goes by content)."""
     try:
-        r = subprocess.run(["git", "-C", str(source), *args], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
+        r = _git_cmd(["-C", str(source), *args], timeout=60)
+    except KutError:
         return None
     return r.stdout.strip() if r.returncode == 0 else None
 
