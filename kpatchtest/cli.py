@@ -7,6 +7,8 @@ Exit codes: 0 the run completed, 1 a gate failed, 2 usage or input error,
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -85,6 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def user_path(p: str | Path) -> Path:
+    """A path the user typed, made absolute against the directory they ran from.
+
+    Resolved once, here at the edge: git runs with ``-C <cache repo>`` and b4 in its
+    own cwd, so a relative path handed to either would land somewhere else."""
+    return Path(os.path.abspath(os.path.expanduser(str(p))))
+
+
+def _cache_dir(args) -> Path:
+    return user_path(args.cache_dir) if args.cache_dir else default_cache_dir()
+
+
 def _run_outcome(outcome, quiet: bool) -> int:
     from kpatchtest.report import summary
     if not quiet:
@@ -97,7 +111,7 @@ def cmd_run(args) -> int:
     from kpatchtest.pipeline import RunOptions, parse_stages, run
     from kpatchtest.spec import load_spec
     loaded = load_spec(args.spec)
-    opts = RunOptions(out=args.out or Path("out") / loaded.spec.name, cache_dir=args.cache_dir or default_cache_dir(),
+    opts = RunOptions(out=user_path(args.out or Path("out") / loaded.spec.name), cache_dir=_cache_dir(args),
                       stages=parse_stages(args.stages), branches=tuple(args.branch), offline=args.offline,
                       midmask=args.midmask, hints=not args.no_hints, stages_explicit=bool(args.stages))
     return _run_outcome(run(loaded, opts, Progress(quiet=args.quiet)), args.quiet)
@@ -113,7 +127,7 @@ def cmd_apply(args) -> int:
     doc = {"name": "apply", "series": [source],
            "kernel": {"repo": args.repo, "branches": args.branch, **({"upstream": args.upstream} if args.upstream else {})}}
     loaded = parse_spec(yaml.safe_dump(doc), Path.cwd() / "<command line>")
-    opts = RunOptions(out=args.out, cache_dir=args.cache_dir or default_cache_dir(), offline=args.offline,
+    opts = RunOptions(out=user_path(args.out), cache_dir=_cache_dir(args), offline=args.offline,
                       midmask=args.midmask, hints=not args.no_hints)
     return _run_outcome(run(loaded, opts, Progress(quiet=args.quiet)), args.quiet)
 
@@ -123,7 +137,7 @@ def cmd_fetch(args) -> int:
     from kpatchtest.spec import load_spec
     loaded = load_spec(args.spec)
     spec = loaded.spec
-    series = fetch_series(spec.sources, FetchOptions(cache_dir=args.cache_dir or default_cache_dir(),
+    series = fetch_series(spec.sources, FetchOptions(cache_dir=_cache_dir(args),
                                                      midmask=args.midmask or spec.fetch.midmask,
                                                      offline=args.offline, attestation=spec.fetch.attestation))
     print(f"{series.title}" + (f" (v{series.version})" if series.version else ""))
@@ -146,15 +160,16 @@ def cmd_validate(args) -> int:
 def cmd_report(args) -> int:
     from kpatchtest.report import write_all
     from kpatchtest.results import load
-    result = load(args.results)
-    out = args.out or args.results.parent
-    paths = write_all(result, out, run_dir=args.results.parent)   # log excerpts live beside results.json
+    results = user_path(args.results)
+    result = load(results)
+    out = user_path(args.out) if args.out else results.parent
+    paths = write_all(result, out, run_dir=results.parent)   # log excerpts live beside results.json
     print("\n".join(str(p) for p in paths))
     return EXIT_OK
 
 
 def cmd_lab(args) -> int:
-    cache = args.cache_dir or default_cache_dir()
+    cache = _cache_dir(args)
     if args.lab_cmd == "image":
         from kpatchtest.lab.image import build_image
         image = build_image(cache, nested=args.nested)
@@ -172,6 +187,9 @@ COMMANDS = {"lab": cmd_lab, "run": cmd_run, "apply": cmd_apply, "fetch": cmd_fet
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Library records (paramiko, fabric) never reach the terminal through logging's
+    # last-resort handler; a run sends them to run.log in its --out directory.
+    logging.getLogger().addHandler(logging.NullHandler())
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.cmd:
@@ -180,7 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.cmd](args)
     except KpatchtestError as e:
-        print(f"kpatchtest: error: {e}", file=sys.stderr)
+        if e.exit_code == EXIT_INTERNAL:    # ours, not the user's: the traceback helps the report
+            traceback.print_exc()
+            print(f"kpatchtest: internal error: {e}", file=sys.stderr)
+        else:
+            print(f"kpatchtest: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("kpatchtest: interrupted", file=sys.stderr)

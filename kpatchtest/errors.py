@@ -32,5 +32,13 @@ class FetchError(InputError):
     """b4 could not produce a usable patch series (dead mirror, garbage mbox, ...)."""
 
 
-class GitError(KpatchtestError):
-    """A git command failed in a way the user can act on (missing ref, bad repo)."""
+class ToolError(KpatchtestError):
+    """An external tool (git, make, qemu) failed where the user's input was fine: our
+    bug or the machine's, so exit 3 with the command, its stderr and the traceback.
+    Callers that know a failure is the user's (a missing ref) raise InputError instead."""
+
+    exit_code = EXIT_INTERNAL
+
+
+class GitError(ToolError):
+    """A git command failed unexpectedly (see ToolError)."""

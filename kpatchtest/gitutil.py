@@ -7,6 +7,7 @@ index file, so the user's checkout, index and branches are never touched.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,13 @@ _IDENT = {
     "GIT_AUTHOR_NAME": "kpatchtest", "GIT_AUTHOR_EMAIL": "kpatchtest@localhost",
     "GIT_COMMITTER_NAME": "kpatchtest", "GIT_COMMITTER_EMAIL": "kpatchtest@localhost",
 }
+
+
+def _stderr_text(stderr: str | bytes | None, limit: int = 2000) -> str:
+    """A failed command's stderr for an error message: whole, but bounded."""
+    text = stderr.decode("utf-8", "replace") if isinstance(stderr, bytes) else (stderr or "")
+    text = text.strip() or "(no stderr)"
+    return text if len(text) <= limit else "..." + text[-limit:]
 
 
 @dataclass(frozen=True)
@@ -51,9 +59,9 @@ class Git:
         p = subprocess.run(cmd, input=input, capture_output=True, text=text,
                            env=self._env(env), errors="replace" if text else None)
         if check and p.returncode != 0:
-            err = (p.stderr or "").strip().splitlines() if text else []
-            raise GitError(f"git {' '.join(args[:3])} failed in {self.repo}: "
-                           f"{err[-1] if err else 'exit ' + str(p.returncode)}")
+            raise GitError(f"`{shlex.join(cmd)}` failed (exit {p.returncode})"
+                           + (f" with GIT_INDEX_FILE={self.index_file}" if self.index_file else "")
+                           + f": {_stderr_text(p.stderr)}")
         return p
 
     def out(self, *args: str, **kw) -> str:

@@ -25,11 +25,13 @@ IMPORTS = "refs/kpatchtest/imports"
 
 
 def default_cache_dir() -> Path:
+    """$KPATCHTEST_CACHE, else $XDG_CACHE_HOME/kpatchtest; always absolute (a relative
+    value is taken from the current directory, once)."""
     env = os.environ.get("KPATCHTEST_CACHE")
     if env:
-        return Path(env)
+        return Path(os.path.abspath(os.path.expanduser(env)))
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "kpatchtest"
+    return Path(os.path.abspath(xdg)) / "kpatchtest"
 
 
 def _is_url(repo: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -46,6 +47,11 @@ class RunOptions:
     midmask: str | None = None         # overrides the spec's fetch.midmask
     hints: bool = True
     stages_explicit: bool = False      # --stages given: a stage the spec cannot run is an error
+
+    def __post_init__(self) -> None:
+        # git runs in the cache repo and b4 in a scratch cwd: never hand them a relative path
+        self.out = Path(os.path.abspath(self.out))
+        self.cache_dir = Path(os.path.abspath(self.cache_dir))
 
 
 def parse_stages(text: str | None) -> tuple[str, ...]:
@@ -88,6 +94,7 @@ class OutDir:
         self.path = path
         self.state = path / "state"
         self._lock = None
+        self._log_handler: logging.Handler | None = None
 
     def __enter__(self) -> "OutDir":
         self.state.mkdir(parents=True, exist_ok=True)
@@ -100,8 +107,21 @@ class OutDir:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._log_handler:
+            logging.getLogger().removeHandler(self._log_handler)
+            self._log_handler.close()
         if self._lock:
             self._lock.close()
+
+    def capture_library_logs(self) -> None:
+        """Send Python logging (paramiko's banner timeouts while a host boots, fabric,
+        kpatchtest's own records) to run.log here instead of the terminal."""
+        handler = logging.FileHandler(self.path / "run.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        root.setLevel(min(root.level or logging.INFO, logging.INFO))
+        self._log_handler = handler
 
     @property
     def ref_prefix(self) -> str:
@@ -238,6 +258,7 @@ def run(loaded: LoadedSpec, opts: RunOptions, progress: Progress | None = None) 
     result.series = series_info(series)
 
     with OutDir(opts.out) as out:
+        out.capture_library_logs()
         (opts.out / "series.mbox").write_text("".join(p.as_mbox() + "\n" for p in series.patches))
         if "apply" in opts.stages:
             kernel = _apply_stage(loaded, opts, series, branches, result, out, progress)

@@ -39,10 +39,11 @@ class Progress:
         self._stage = name
         t0 = time.monotonic()
         if self.live and not self.quiet:
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
             self._rich = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                       TextColumn("{task.fields[item]}"), TimeElapsedColumn(),
-                                      console=None, transient=False)
+                                      console=Console(file=self.stream), transient=False)
             self._rich.start()
             self._task = self._rich.add_task(name, total=total, item="")
         else:

@@ -7,6 +7,7 @@ found; unknown keys are errors, because a typo must never be silently ignored.
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -346,8 +347,11 @@ def _resolve_paths(spec: Spec, base: Path) -> None:
     for s in spec.sources:
         if isinstance(s, MboxSource):
             s = MboxSource(mbox=_abs(s.mbox, base))
-        elif isinstance(s, CommitsSource) and s.repo and _is_local(s.repo):
-            s = CommitsSource(commits=s.commits, repo=_abs(s.repo, base))
+        elif isinstance(s, CommitsSource):
+            repo = s.repo or spec.kernel.repo      # the README: repo defaults to kernel.repo
+            if repo and _is_local(repo):
+                repo = _abs(repo, base)
+            s = CommitsSource(commits=s.commits, repo=repo)
         srcs.append(s)
     spec.series = srcs
     if spec.kernel.repo and _is_local(spec.kernel.repo):
@@ -379,7 +383,7 @@ def resolve_fragment(name: str, base: Path) -> str:
 
 
 def load_spec(path: str | Path) -> LoadedSpec:
-    p = Path(path)
+    p = Path(os.path.abspath(os.path.expanduser(str(path))))   # paths inside are relative to it
     try:
         text = p.read_text()
     except FileNotFoundError:

@@ -124,7 +124,7 @@ def _git_dir(git: Git) -> Path:
     try:
         p = git.run("rev-parse", "--git-common-dir", check=False)
     except FileNotFoundError:
-        raise GitError("git is not installed") from None
+        raise InputError("git is not installed", hint="apt-get install git") from None
     if p.returncode != 0:
         raise GitError(f"{git.repo} is not a git repository",
                        hint="create the cache repo with `git init --bare`")
