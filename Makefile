@@ -28,8 +28,11 @@ venv: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/kpatchtest run series/demo.yaml --out out/demo
 
+# The tests build their kernels in the demo's cache with the demo's recipe, so `make demo`
+# after `make test` (as .ci/run does) reuses every build and costs only its boots.
 test: setup
-	$(PY) -m pytest -q
+	KPATCHTEST_TEST_CACHE="$${KPATCHTEST_TEST_CACHE:-$$($(PY) -c 'from kpatchtest.kernelrepo import default_cache_dir; print(default_cache_dir())')}" \
+	  $(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) out

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kpatchtest.apply import BranchTarget, slug
-from kpatchtest.errors import GitError, InputError
+from kpatchtest.errors import InputError
 from kpatchtest.gitutil import Git
 from kpatchtest.locks import exclusive as locked
 from kpatchtest.spec import BranchSpec
@@ -149,13 +149,13 @@ class KernelCache:
                     with locked(self.lock_path):    # ref updates and fetches, one run at a time
                         sha = self._resolve(b.git_ref, offline)
                 out.targets.append(BranchTarget(name=b.name, commit=sha))
-            except (InputError, GitError) as e:
+            except InputError as e:      # the user's branch; a git failure is ours (exit 3)
                 out.errors[b.name] = str(e)
         if upstream:
             try:
                 with locked(self.lock_path):
                     out.upstream = self._resolve(upstream, offline) if self.repo else self._local_ref(upstream)
-            except (InputError, GitError) as e:
+            except InputError as e:      # the user's branch; a git failure is ours (exit 3)
                 out.errors[f"upstream {upstream}"] = str(e)
         return out
 

@@ -4,8 +4,11 @@ Fixtures (load with ``pytest_plugins = [..., "tests.conftest_lab"]`` in tests/co
 or ``from tests.conftest_lab import *`` in a test module):
 
 - ``lab_kernel`` (session): path of a bzImage of Debian 6.1 built by the project's own
-  build code with ``tinyconfig`` + x86_64-base.config + kvm.config + lab-qemu.config
-  (KVM_AMD=y, KEXEC, serial console, virtio/e1000 NICs). Uses ``debian_trees`` and
+  build code with the demo's recipe (series/demo.yaml: ``tinyconfig`` + x86_64-base +
+  kvm + lab-qemu + kvm-trace: KVM_AMD=y, KEXEC, serial console, virtio/e1000 NICs,
+  kprobes and tracepoints), in the place `kpatchtest run` builds a tarball branch named
+  debian-6.1: the same build the demo's 6.1 baseline is, so `make demo` after the tests
+  reuses it (and one cold build serves every test). Uses ``debian_trees`` and
   ``kpt_cache``; a cold build takes 5 to 8 min on 2 cores, a cached one no make at all
   (set ``KPATCHTEST_TEST_CACHE=/some/dir`` to keep it between sessions). The bzImage is
   copied to ``kpt_cache/lab/kernels/<release>/`` so other tests that clean the build
@@ -34,12 +37,15 @@ import pytest
 
 from kpatchtest.build import Builder, BuildPlace, ConfigRecipe
 from kpatchtest.gitutil import Git
-from kpatchtest.spec import CONFIGS_DIR
+from kpatchtest.spec import CONFIGS_DIR, load_spec
 
 __all__ = ["LAB_FRAGMENTS", "SSH", "build_lab_kernel", "lab_image", "lab_kernel", "lab_ssh", "local_vm",
            "need_image_tools", "trace_kernel", "wait_for_ssh"]
 
-LAB_FRAGMENTS = ("x86_64-base.config", "kvm.config", "lab-qemu.config")
+# The demo's recipe is the lab kernel's: one definition (series/demo.yaml), one cold build.
+DEMO_SPEC = load_spec(Path(__file__).resolve().parent.parent / "series" / "demo.yaml").spec
+LAB_BASE = DEMO_SPEC.configs.base
+LAB_FRAGMENTS = tuple(Path(f).name for f in DEMO_SPEC.configs.fragments)
 # What the lab VM needs from the kernel config; checked on the built .config.
 LAB_REQUIRED = ("64BIT", "SERIAL_8250_CONSOLE", "BLK_DEV_INITRD", "RD_GZIP", "DEVTMPFS", "DEVTMPFS_MOUNT",
                 "PCI", "E1000", "VIRTIO_NET", "VIRTIO_PCI", "KEXEC", "NET", "UNIX", "INET", "PACKET",
@@ -55,7 +61,7 @@ def build_lab_kernel(git: Git, commit: str, cache_dir: Path, log=lambda m: None,
     Another fragment list (e.g. + kvm-trace.config) wants its own `place` (build dir), so
     that the two configs do not rebuild each other's objects."""
     from kpatchtest.toolchain import Toolchain
-    recipe = ConfigRecipe.from_spec("tinyconfig", [str(CONFIGS_DIR / f) for f in fragments], list(LAB_REQUIRED))
+    recipe = ConfigRecipe.from_spec(LAB_BASE, [str(CONFIGS_DIR / f) for f in fragments], list(LAB_REQUIRED))
     toolchain = Toolchain.detect()
     # The copy below is indexed by what identifies the build (the tree, the recipe, the
     # toolchain; the final .config follows from them), so a session whose other tests
@@ -105,16 +111,10 @@ def lab_kernel(debian_trees, kpt_cache) -> Path:
 
 
 @pytest.fixture(scope="session")
-def trace_kernel(debian_trees, kpt_cache) -> tuple[Path, str]:
-    """The lab kernel plus kvm-trace.config (kprobes, tracepoints, debugfs): what the
-    SMM-heavy boot needs to count SMM transitions and TDP MMU roots. One more cold build."""
-    _need_qemu()
-    git, trees = debian_trees
-    t0 = time.monotonic()
-    path, release = build_lab_kernel(git, trees["6.1"].commit, kpt_cache, log=print,
-                                     fragments=(*LAB_FRAGMENTS, "kvm-trace.config"), place="debian-6.1-trace")
-    print(f"trace kernel {release}: {path} ({time.monotonic() - t0:.1f} s)")
-    return path, release
+def trace_kernel(lab_kernel) -> tuple[Path, str]:
+    """The lab kernel under the name the probe tests use: it has kvm-trace.config (kprobes,
+    tracepoints, debugfs), what the SMM-heavy boot needs to count transitions and roots."""
+    return lab_kernel, lab_kernel.parent.name
 
 
 def need_image_tools() -> None:

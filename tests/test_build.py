@@ -16,11 +16,11 @@ from kpatchtest.gitutil import Git
 from kpatchtest.results import ApplyResult, PatchResult
 from kpatchtest.spec import CONFIGS_DIR
 from kpatchtest.toolchain import Toolchain
+from tests.conftest_lab import LAB_BASE, LAB_FRAGMENTS
 
 pytestmark = pytest.mark.slow
 
 TDP = "arch/x86/kvm/mmu/tdp_mmu.c"
-LAB_FRAGMENTS = ["x86_64-base.config", "kvm.config", "lab-qemu.config"]
 X86 = "arch/x86/kvm/x86.c"
 
 
@@ -56,16 +56,16 @@ def pipeline_spec(tmp_path: Path, git: Git, commit: str, name: str, rest: str, b
 
 @pytest.fixture(scope="session")
 def kbuild(debian_trees, kpt_cache, tmp_path_factory):
-    """One cold build of Debian 6.1 with the local lab's recipe (tinyconfig + x86_64-base + kvm +
-    lab-qemu) plus a fragment with a bogus symbol (which changes nothing in the .config, so the
-    lab fixtures reuse this build)."""
+    """One cold build of Debian 6.1 with the demo's (and the local lab's) recipe plus a fragment
+    with a bogus symbol (which changes nothing in the .config, so the lab fixtures and `make
+    demo` reuse this build)."""
     git, trees = debian_trees
     tmp = tmp_path_factory.mktemp("kbuild")
     for d in ("artifacts", "configs", "build"):     # a kept cache keeps imports and ccache only
         shutil.rmtree(kpt_cache / d, ignore_errors=True)
     extra = tmp / "extra.config"
     extra.write_text("# a symbol no kernel has\nCONFIG_KPATCHTEST_NO_SUCH_SYMBOL=y\n")
-    recipe = ConfigRecipe.from_spec("tinyconfig", [str(CONFIGS_DIR / f) for f in LAB_FRAGMENTS] + [str(extra)],
+    recipe = ConfigRecipe.from_spec(LAB_BASE, [str(CONFIGS_DIR / f) for f in LAB_FRAGMENTS] + [str(extra)],
                                     ["KVM", "KVM_AMD", "KPATCHTEST_REQUIRED"])
     logs: list[str] = []
     builder = Builder(git=git, cache_dir=kpt_cache, recipe=recipe, toolchain=Toolchain.detect(), log=logs.append)
@@ -168,8 +168,8 @@ def test_pipeline_build_stage_reuses_and_gates_new_warnings(kbuild, tmp_path, mo
     from kpatchtest.cli import main
     k = kbuild
     spec = pipeline_spec(tmp_path, k["git"], k["c1"], "build-demo", f"""configs:
-  base: tinyconfig
-  fragments: [x86_64-base.config, kvm.config, lab-qemu.config, {k['extra']}]
+  base: {LAB_BASE}
+  fragments: [{', '.join(LAB_FRAGMENTS)}, {k['extra']}]
   required: [KVM, KVM_AMD, KPATCHTEST_REQUIRED]
 gates:
   build: no-new-warnings

@@ -13,8 +13,8 @@ import pytest
 from kpatchtest.lab.boot import Booter, KernelToBoot
 from kpatchtest.lab.local import LOCAL_TIMEOUTS, local_host
 from kpatchtest.lab.ssh import HostKeyRejected
-from tests.conftest_lab import build_lab_kernel
-from tests.test_build import LAB_FRAGMENTS, harmless_commit, pipeline_spec
+from tests.conftest_lab import LAB_BASE, LAB_FRAGMENTS, build_lab_kernel
+from tests.test_build import harmless_commit, pipeline_spec
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +50,7 @@ def test_pipeline_builds_and_boots_on_the_local_lab(patched_kernel, debian_trees
     git, _ = debian_trees
     commit, _, release = patched_kernel
     spec = pipeline_spec(tmp_path, git, commit, "boot-demo", branch="debian 6.1; $(touch PWNED)", rest=f"""configs:
-  base: tinyconfig
+  base: {LAB_BASE}
   fragments: {list(LAB_FRAGMENTS)}
 lab:
   name: local

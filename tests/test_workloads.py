@@ -15,10 +15,11 @@ import pytest
 
 from kpatchtest.lab.local import local_lab
 from kpatchtest.lab.ssh import HostConnection
+from kpatchtest.results import SCHEMA_VERSION
 from kpatchtest.spec import SmmBootSpec
 from kpatchtest.workloads.bootsector import make_boot_image
 from kpatchtest.workloads.smm_boot import image_for, run_smm_boot
-from tests.conftest_lab import LAB_FRAGMENTS, build_lab_kernel
+from tests.conftest_lab import LAB_BASE, LAB_FRAGMENTS, build_lab_kernel
 from tests.test_build import harmless_commit, pipeline_spec
 
 pytestmark = pytest.mark.slow
@@ -36,21 +37,21 @@ def patched_commit(debian_trees, kpt_cache, tmp_path_factory):
 
 
 def test_pipeline_runs_workloads_on_each_boot(patched_commit, kpt_cache, tmp_path):
-    """kpatchtest run with a workloads: section on kernels WITHOUT kprobes or tracepoints
-    (the plain lab recipe): the SMM boot passes with wall times, every probe metric is
-    unavailable (None, never 0); kvm-unit-tests (the stand-in, built and deployed by the
+    """kpatchtest run with a workloads: section and the SMM boot's probes off (a kernel
+    without kprobes reads the same way): the SMM boot passes with wall times, every probe
+    metric is unavailable (None, never 0, "n/a" in the reports); kvm-unit-tests (the stand-in, built and deployed by the
     stage) gives a pass with cycles and a failure shared by both builds; every report
     shows the workloads."""
     from kpatchtest.cli import main
     git, commit = patched_commit
     spec = pipeline_spec(tmp_path, git, commit, "workloads-demo", f"""configs:
-  base: tinyconfig
+  base: {LAB_BASE}
   fragments: {list(LAB_FRAGMENTS)}
 lab:
   name: local
 workloads:
   repetitions: 2
-  smm_boot: {{reads: {READS}, timeout_s: 120}}
+  smm_boot: {{reads: {READS}, timeout_s: 120, probes: false}}
   kvm_unit_tests:
     source: {STANDIN}
     tests: [vmexit_cr0_wp, hypercall]
@@ -64,7 +65,7 @@ gates:
     code = main(["run", str(spec), "--out", str(out), "--cache-dir", str(kpt_cache), "--offline", "-q"])
     res = json.loads((out / "results.json").read_text())
     b = res["branches"][0]
-    assert res["schema_version"] == 4 and "workloads" in res["stages"]
+    assert res["schema_version"] == SCHEMA_VERSION and "workloads" in res["stages"]
     assert code == 0, (b["boot"], b["workloads"])
     runs = {w["build"]: w for w in b["workloads"]}
     assert set(runs) == {"baseline", "patched"}

@@ -146,7 +146,9 @@ class Booter:
     # -- waiting ------------------------------------------------------------------
     def _wait_new_boot(self, old_boot_id: str, deadline: float) -> HostConnection | None:
         while time.monotonic() < deadline:
-            conn = HostConnection(self.host, log=self.log)
+            # each poll is a new connection: its "ssh user@host ..." line goes to run.log, not the
+            # terminal (the first connection of the boot already said it there)
+            conn = HostConnection(self.host)
             try:
                 conn.wait_until_up(max(1.0, deadline - time.monotonic()))
                 if conn.boot_id() != old_boot_id:
