@@ -10,15 +10,15 @@ from __future__ import annotations
 import email.utils
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kpatchtest.diffparse import FileDiff, Hunk, parse_diff
 from kpatchtest.gitutil import Git
-from kpatchtest.history import RangeIndex, merge_base, patch_id_of_diff
+from kpatchtest.history import RangeIndex, is_ancestor, merge_base, oldest_fork_point, patch_id_of_diff
 from kpatchtest.patchset import Patch, Series
-from kpatchtest.prereqs import ConflictSite, PrerequisiteFinder
-from kpatchtest.results import ApplyResult, Conflict, PatchResult
+from kpatchtest.prereqs import ConflictSite, PrerequisiteFinder, SeriesMembers
+from kpatchtest.results import ApplyResult, Conflict, PatchResult, Prerequisite
 from kpatchtest.workindex import WorkIndex
 
 
@@ -36,6 +36,22 @@ class ApplyContext:
     upstream: str | None    # where merged versions of the series' patches are looked up
     ref_prefix: str         # private refs namespace of this run
     hints: bool = True
+    branches: tuple[str, ...] = ()          # every branch commit of the run: bounds the upstream scan
+    prerequisite_budget_s: float = 30.0     # per conflicting patch (spec apply.prerequisite_budget_s)
+    _upstream: dict[str, RangeIndex] = field(default_factory=dict, compare=False, repr=False)
+
+    def upstream_index(self, branch_commit: str) -> RangeIndex | None:
+        """Upstream commits since the oldest fork point of the run's branches (and the base):
+        one index for all branches, so a series merged before a branch's tag is still found."""
+        if not self.upstream:
+            return None
+        fork = oldest_fork_point(self.git, self.upstream,
+                                 [*self.branches, branch_commit, *([self.base] if self.base else [])])
+        if fork is None:
+            return None
+        if fork not in self._upstream:
+            self._upstream[fork] = RangeIndex(self.git, self.upstream, fork)
+        return self._upstream[fork]
 
 
 def slug(name: str) -> str:
@@ -45,6 +61,7 @@ def slug(name: str) -> str:
 
 
 def verdict(statuses: list[str]) -> str:
+    """The branch's word for its patches: offsets are `applied`, so they stay clean."""
     failed = {"conflict", "skipped"}
     if not any(s in failed for s in statuses):
         if all(s == "already-present" for s in statuses):
@@ -88,25 +105,29 @@ class BranchApplier:
         self.target = target
         self.mb = merge_base(self.git, target.commit, ctx.base) if ctx.base else None
         self.branch_hist = RangeIndex(self.git, target.commit, self.mb)
-        up_mb = merge_base(self.git, target.commit, ctx.upstream) if ctx.upstream else None
-        self.upstream_hist = RangeIndex(self.git, ctx.upstream, target.commit) if ctx.upstream and up_mb else None
+        self.upstream_hist = ctx.upstream_index(target.commit)
         self._renames: dict[str, str] | None = None
+        self.members = SeriesMembers()      # the series' own patches, by upstream sha and patch-id
+        self._upstream_of: dict[int, str] = {}
 
     # -- presence ---------------------------------------------------------
-    def _present(self, patch: Patch) -> tuple[str, str] | None:
-        pid = patch_id_of_diff(self.git, patch.diff)
-        hit = self.branch_hist.by_patch_id(pid)
-        if hit:
-            return hit, "patch-id"
+    def _upstream_commit(self, patch: Patch, pid: str | None) -> str | None:
+        """The upstream commit of a patch: from a `commits:` source, else by patch-id or Link."""
         ups = patch.upstream_commit
         if not ups and self.upstream_hist:
             ups = self.upstream_hist.by_patch_id(pid) or self.upstream_hist.by_msgid(patch.msgid)
+        return (self.git.rev_parse(ups) or ups) if ups else None  # a backport may cite a sha the cache lacks
+
+    def _present(self, pid: str | None, ups: str | None) -> tuple[str, str] | None:
+        hit = self.branch_hist.by_patch_id(pid)
+        if hit:
+            return hit, "patch-id"
         if ups:
             hit = self.branch_hist.by_upstream(ups)
             if hit:
                 return hit, "upstream-ref"
-            if self.git.rev_parse(ups) and self.branch_hist.contains(ups):
-                return ups, "upstream-ref"
+            if is_ancestor(self.git, ups, self.target.commit):
+                return ups, "ancestor"
         return None
 
     # -- renames ----------------------------------------------------------
@@ -183,13 +204,19 @@ class BranchApplier:
             for patch in self.series.patches:
                 files = parse_diff(patch.diff)
                 res = PatchResult(index=patch.index, subject=patch.subject, msgid=patch.msgid, status="conflict")
-                deps = [i for i, fds in failed.items() if builds_on(files, fds)]
-                present = None if deps else self._present(patch)
-                if deps:
+                pid = patch_id_of_diff(self.git, patch.diff)
+                ups = self._upstream_commit(patch, pid)
+                self._remember(patch.index, pid, ups)
+                # Presence first: a patch the branch has is never "skipped", whatever failed before it.
+                present = self._present(pid, ups)
+                deps = [] if present else [i for i, fds in failed.items() if builds_on(files, fds)]
+                if present:
+                    res.status, res.present_as, res.present_by = "already-present", present[0], present[1]
+                elif deps and wi.apply(patch.diff, "-R", check=True).ok:
+                    self._reverse_applies(res)
+                elif deps:
                     res.status, res.depends_on = "skipped", deps
                     res.detail = "builds on lines written by patch " + ", ".join(map(str, deps))
-                elif present:
-                    res.status, res.present_as, res.present_by = "already-present", present[0], present[1]
                 else:
                     self._try_apply(wi, patch, files, res, sites)
                 if res.status in ("conflict", "skipped"):
@@ -201,11 +228,8 @@ class BranchApplier:
                 results.append(res)
         finally:
             wi.close()
-        prereqs = []
-        if sites and self.ctx.hints and self.ctx.base and self.mb:
-            finder = PrerequisiteFinder(self.git, self.ctx.scratch, self.ctx.base, self.target.commit,
-                                        self.branch_hist)
-            prereqs = finder.find(sites)
+        prereqs = self._prerequisites(sites, results) if sites and self.ctx.hints and self.ctx.base and self.mb \
+            else []
         patched = None
         if head != self.target.commit:
             patched = head
@@ -215,19 +239,66 @@ class BranchApplier:
             base=self.ctx.base, patched_commit=patched, patches=results, prerequisites=prereqs,
             duration_s=round(time.monotonic() - t0, 3))
 
+    def _remember(self, index: int, pid: str | None, ups: str | None) -> None:
+        if ups:
+            self.members.by_sha[ups] = index
+            self._upstream_of[index] = ups
+        if pid:
+            self.members.by_pid[pid] = index
+
+    # -- prerequisites ------------------------------------------------------
+    def _search_base(self, index: int) -> str:
+        """What the patch was written on: its upstream parent when the base has it (so the
+        series' later patches and what merged after it are out of the search), else the base."""
+        ups, base = self._upstream_of.get(index), self.ctx.base or ""
+        if ups and is_ancestor(self.git, ups, base) and self.git.rev_parse(f"{ups}^"):
+            return f"{ups}^"
+        return base
+
+    def _prerequisites(self, sites: list[ConflictSite], results: list[PatchResult]) -> list[Prerequisite]:
+        """Each conflicting patch's own prerequisites; the union (by commit) for the branch."""
+        finder = PrerequisiteFinder(self.git, self.ctx.scratch, self.target.commit, self.branch_hist,
+                                    self.members, self.ctx.prerequisite_budget_s)
+        by_index = {r.index: r for r in results}
+        union: dict[str, Prerequisite] = {}
+        for site in sites:
+            res = by_index[site.patch.index]
+            site.search_base = self._search_base(site.patch.index)
+            found = finder.find(site)
+            res.prerequisites = found.prerequisites
+            needed = [i for i in found.in_series
+                      if i < res.index and by_index[i].status in ("conflict", "skipped")]
+            if needed:
+                res.depends_on = needed
+                res.detail = "needs " + ", ".join(f"patch #{i}" for i in needed) + " of this series"
+            for q in found.prerequisites:
+                u = union.get(q.commit)
+                if u is None:
+                    union[q.commit] = q.model_copy(deep=True)
+                else:
+                    u.for_patches = sorted({*u.for_patches, *q.for_patches})
+                    if q.verified and not u.verified:
+                        u.verified, u.rank, u.why = True, 0, ""
+                    u.needs = sorted({*u.needs, *q.needs})
+        return sorted(union.values(), key=lambda p: (p.rank, p.size))
+
+    @staticmethod
+    def _reverse_applies(res: PatchResult) -> None:
+        res.status, res.present_by = "already-present", "reverse-apply"
+        res.detail = "the patch reverse-applies: its change is already in the tree"
+
     def _try_apply(self, wi: WorkIndex, patch: Patch, files: list[FileDiff], res: PatchResult,
                    sites: list[ConflictSite]) -> None:
         tree_before = wi.tree
         out = wi.apply(patch.diff)
         if out.ok:
+            # What git am takes without -3 is applied; hunks that moved are only reported.
+            res.status = "applied"
             if out.offsets:
-                res.status, res.method, res.detail = "applied-3way", "offset", "; ".join(out.offsets)
-            else:
-                res.status = "applied"
+                res.method, res.detail = "offset", "applied at offsets: " + "; ".join(out.offsets)
             return
         if wi.apply(patch.diff, "-R", check=True).ok:
-            res.status, res.present_by = "already-present", "reverse-apply"
-            res.detail = "the patch reverse-applies: its change is already in the tree"
+            self._reverse_applies(res)
             return
         if wi.apply(patch.diff, "--3way").ok:
             res.status, res.method, res.detail = "applied-3way", "3way", "applied with a 3-way merge"

@@ -12,11 +12,13 @@ import re
 
 from kpatchtest.gitutil import Git
 
-# "commit <sha> upstream." (Greg's scripts), "[ Upstream commit <sha> ]" (Sasha's),
-# and cherry-pick -x.
+# "commit <sha> upstream." (Greg's scripts), "[ Upstream commit <sha> ]" (Sasha's, also on
+# the dependencies AUTOSEL brings in with a "Stable-dep-of: <fix>" trailer), and
+# cherry-pick -x. "Stable-dep-of:" itself names the fix the backport was taken *for*, not
+# the commit it is: it is deliberately not an upstream reference.
 _UPSTREAM_RES = (
     re.compile(r"^\s*commit ([0-9a-f]{12,40}) upstream", re.M | re.I),
-    re.compile(r"^\s*\[\s*upstream commit ([0-9a-f]{12,40})\s*\]", re.M | re.I),
+    re.compile(r"^\s*\[\s*upstream commit ([0-9a-f]{12,40})\b[^\]\n]*\]", re.M | re.I),
     re.compile(r"cherry picked from commit ([0-9a-f]{12,40})", re.I),
 )
 _LINK_RE = re.compile(r"^Link: \S*?/([^/\s]+@[^/\s]+?)/?\s*$", re.M)
@@ -103,5 +105,25 @@ class RangeIndex:
 def merge_base(git: Git, a: str, b: str) -> str | None:
     p = git.run("merge-base", a, b, check=False)
     return p.stdout.strip() or None if p.returncode == 0 else None
+
+
+def is_ancestor(git: Git, a: str, b: str) -> bool:
+    return git.ok("merge-base", "--is-ancestor", a, b)
+
+
+def oldest_fork_point(git: Git, upstream: str, commits: list[str]) -> str | None:
+    """The merge-base of `upstream` with the oldest of `commits`: one bound for one scan
+    of upstream that covers every branch (a branch made from a tag after the series merged
+    has its fork point past the series; an older branch's fork point is not).
+
+    Commits with no history in common with upstream (tarball imports) do not count."""
+    forks = [mb for c in dict.fromkeys(commits) if (mb := merge_base(git, upstream, c))]
+    if not forks:
+        return None
+    oldest = forks[0]
+    for mb in forks[1:]:
+        if mb != oldest and not is_ancestor(git, oldest, mb):
+            oldest = mb if is_ancestor(git, mb, oldest) else (merge_base(git, oldest, mb) or oldest)
+    return oldest
 
 

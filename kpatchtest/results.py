@@ -7,6 +7,9 @@ docs/results-schema.md):
   3 - branches[].boot (one record per build and lab host).
   4 - branches[].workloads (one run per booted build, host and round, each with
       WorkloadRecords); boot[].round.
+  5 - apply: an offset-only patch is `applied` (offsets in detail), no longer
+      applied-3way; patches[].prerequisites per conflicting patch (verified sets replayed
+      the way git am -3 applies them; why, needs); conflict patches' depends_on.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kpatchtest.workloads.record import WorkloadRecord
 
-SCHEMA_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)   # later versions only added fields: older files read as runs without them
+SCHEMA_VERSION = 5
+# Later versions only added fields (and 5 narrowed applied-3way): older files read as runs without them.
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 
 PatchStatus = Literal["applied", "applied-3way", "already-present", "conflict", "skipped"]
 ApplyMethod = Literal["offset", "3way", "fuzz", "rename"]
-PresentBy = Literal["patch-id", "upstream-ref", "reverse-apply"]
+PresentBy = Literal["patch-id", "upstream-ref", "ancestor", "reverse-apply"]
 Verdict = Literal["clean", "three-way", "already-applied", "partial", "conflict"]
 
 
@@ -43,30 +47,33 @@ class Conflict(_Model):
     reason: str = ""          # e.g. "file does not exist on this branch"
 
 
-class PatchResult(_Model):
-    index: int
-    subject: str
-    msgid: str | None = None
-    status: PatchStatus
-    method: ApplyMethod | None = None       # for applied-3way: how it went in
-    detail: str = ""                        # e.g. "hunk 2 at offset +14 lines"
-    conflicts: list[Conflict] = Field(default_factory=list)
-    present_as: str | None = None           # sha of the branch commit carrying it
-    present_by: PresentBy | None = None
-    depends_on: list[int] = Field(default_factory=list)  # skipped: the conflicting patches
-    commit: str | None = None               # the commit this patch became on the branch
-
-
 class Prerequisite(_Model):
-    """A commit missing from the branch that the conflicting hunks need."""
+    """A commit missing from the branch that a conflicting patch needs first."""
 
     commit: str
     subject: str
     size: int                       # lines added + removed
     files: list[str] = Field(default_factory=list)
-    verified: bool                  # applying it first really lets the hunks apply
+    verified: bool                  # member of a set that, applied in order like git am -3, lets the patch apply
+    why: str = ""                   # unverified: why not
+    needs: list[str] = Field(default_factory=list)  # commits of the same set this one does not apply without
     for_patches: list[int] = Field(default_factory=list)
     rank: int = 0                   # 0 = part of the smallest sufficient set
+
+
+class PatchResult(_Model):
+    index: int
+    subject: str
+    msgid: str | None = None
+    status: PatchStatus
+    method: ApplyMethod | None = None       # how it went in: offset (applied), 3way/fuzz/rename (applied-3way)
+    detail: str = ""                        # e.g. "hunk 2 at offset +14 lines"
+    conflicts: list[Conflict] = Field(default_factory=list)
+    present_as: str | None = None           # sha of the branch commit carrying it
+    present_by: PresentBy | None = None
+    depends_on: list[int] = Field(default_factory=list)  # earlier series patches it needs that did not apply
+    commit: str | None = None               # the commit this patch became on the branch
+    prerequisites: list[Prerequisite] = Field(default_factory=list)  # conflict: upstream order, the set first
 
 
 class ApplyResult(_Model):
@@ -75,7 +82,7 @@ class ApplyResult(_Model):
     base: str | None = None         # what prerequisites were searched against
     patched_commit: str | None = None  # commit (under refs/kpatchtest/) with what applied
     patches: list[PatchResult]
-    prerequisites: list[Prerequisite] = Field(default_factory=list)
+    prerequisites: list[Prerequisite] = Field(default_factory=list)  # union of the patches' (for the summary)
     duration_s: float = 0.0
 
 

@@ -37,11 +37,12 @@ def test_clean(hist, tmp_path):
     assert hist.git("log", "-1", "--format=%s", res.patched_commit) == "KVM: x86/mmu: clean change"
 
 
-def test_offset_is_three_way_with_method(hist, tmp_path):
+def test_offset_only_is_applied_with_the_offsets_in_detail(hist, tmp_path):
+    """git am takes hunks that moved without -3: that is applied, not a 3-way merge."""
     res = run(hist, ["P_clean", "P_offset"], tmp_path)
-    assert statuses(res) == [("applied", None), ("applied-3way", "offset")]
+    assert statuses(res) == [("applied", None), ("applied", "offset")]
     assert "offset +3 lines" in res.patches[1].detail
-    assert res.verdict == "three-way"
+    assert res.verdict == "clean"
 
 
 def test_real_three_way_merge(hist, tmp_path):
@@ -141,3 +142,118 @@ def test_users_repo_untouched(hist, tmp_path):
     assert all(r.startswith("refs/kpatchtest/") for r in new_refs)
     before.pop("for-each-ref --format=%(refname)"), after.pop("for-each-ref --format=%(refname)")
     assert before == after
+
+
+# -- verdicts that need real history (tests/histories.py); every verified claim is replayed --
+
+from kpatchtest.results import ApplyResult  # noqa: E402
+from tests import histories  # noqa: E402
+from tests.replay import am3, check_claims  # noqa: E402
+
+MERGED_BRANCHES = ("linux-1.0.y", "linux-1.0.y-a0", "linux-1.1.y")
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory):
+    return histories.merged_series(tmp_path_factory.mktemp("merged") / "linux")
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    return histories.prereq_chain(tmp_path_factory.mktemp("chain") / "linux")
+
+
+def apply_on(repo, series, branch, tmp_path, base="master", branches=(), budget=30.0) -> ApplyResult:
+    """The pipeline's way: one context for the run, all branches named, base = upstream."""
+    git = Git(repo.path)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    ctx = ApplyContext(git=git, scratch=tmp_path, base=git.rev_parse(base) if base else None, upstream="master",
+                       ref_prefix="refs/kpatchtest/test", branches=tuple(git.rev_parse(b) for b in branches),
+                       prerequisite_budget_s=budget)
+    res = apply_series(ctx, series, BranchTarget(branch, git.rev_parse(branch)))
+    check_claims(repo.path, branch, series, res)
+    return res
+
+
+@pytest.mark.parametrize("source", ["commits", "posted"])
+def test_tag_after_the_series_merged_is_already_applied(merged, tmp_path, source):
+    """linux-1.1.y was tagged after the merge: every patch is an ancestor, none skipped,
+    although none applies or reverse-applies there (L changed the lines again)."""
+    series = merged.series(["P1", "P2", "P3"]) if source == "commits" else histories.posted(merged)
+    res = apply_on(merged, series, "linux-1.1.y", tmp_path, branches=MERGED_BRANCHES)
+    assert [(p.status, p.present_by, p.present_as) for p in res.patches] == [
+        ("already-present", "ancestor", merged.shas[k]) for k in ("P1", "P2", "P3")]
+    assert res.verdict == "already-applied" and res.patched_commit is None
+
+
+def test_posted_series_found_by_the_oldest_fork_point_only(merged, tmp_path):
+    """The upstream scan is bounded by the oldest branch's fork point: from linux-1.1.y's
+    own fork point (v1.1) the posted patches' upstream commits are out of reach."""
+    alone = apply_on(merged, histories.posted(merged), "linux-1.1.y", tmp_path / "alone", branches=("linux-1.1.y",))
+    assert "already-applied" != alone.verdict
+    res = apply_on(merged, histories.posted(merged), "linux-1.1.y", tmp_path / "all", branches=MERGED_BRANCHES)
+    assert res.verdict == "already-applied"
+
+
+@pytest.mark.parametrize("source", ["commits", "posted"])
+def test_series_own_patches_are_never_prerequisites(merged, tmp_path, source):
+    """P1 conflicts on linux-1.0.y (it lacks A0); P2 rewrites P1's line. The search runs
+    against master, which has P2, P3 and L on those lines: only A0 is P1's prerequisite."""
+    series = merged.series(["P1", "P2", "P3"]) if source == "commits" else histories.posted(merged)
+    res = apply_on(merged, series, "linux-1.0.y", tmp_path, branches=MERGED_BRANCHES)
+    assert [p.status for p in res.patches] == ["conflict", "skipped", "applied"]
+    assert res.patches[1].depends_on == [1]
+    p1 = res.patches[0]
+    assert [(q.commit, q.verified) for q in p1.prerequisites] == [(merged.shas["A0"], True)]
+    own = {merged.shas[k] for k in ("P1", "P2", "P3", "L", "M")}
+    assert not own & {q.commit for q in res.prerequisites}
+    assert res.prerequisites[0].for_patches == [1]
+
+
+def test_later_patch_on_the_same_lines_applies_on_top(merged, tmp_path):
+    res = apply_on(merged, merged.series(["P1", "P2", "P3"]), "linux-1.0.y-a0", tmp_path, branches=MERGED_BRANCHES)
+    assert [p.status for p in res.patches] == ["applied"] * 3
+    assert res.verdict == "clean" and res.prerequisites == []
+
+
+def test_prerequisite_chain_found_transitively(chain, tmp_path):
+    """P's rejected line was last changed by C3 alone; C3 needs C2, C2 needs C1."""
+    series = chain.series(["Q", "P"])
+    res = apply_on(chain, series, "linux-1.0.y", tmp_path)
+    q, p = res.patches
+    assert q.status == "applied" and p.status == "conflict"
+    c1, c2, c3 = (chain.shas[k] for k in ("C1", "C2", "C3"))
+    verified = [x for x in p.prerequisites if x.verified]
+    assert [x.commit for x in verified] == [c1, c2, c3]
+    assert [x.needs for x in verified] == [[], [c1], [c2]]
+    assert sum(x.size for x in verified) == 2 + 4 + 4
+    assert chain.shas["U0"] not in {x.commit for x in res.prerequisites}   # backported, adjusted
+    # and none of the three alone, nor the direct candidate's pair, is enough
+    assert not am3(chain.path, "linux-1.0.y", series, res, 2, [c3])
+    assert not am3(chain.path, "linux-1.0.y", series, res, 2, [c2, c3])
+
+
+def test_prerequisite_no_set_helps_is_unverified_with_why(chain, tmp_path):
+    """D1 changed P_bad's line, but the stable branch changed it differently."""
+    res = apply_on(chain, chain.series(["P_bad"]), "linux-1.0.y", tmp_path)
+    p = res.patches[0]
+    assert p.status == "conflict"
+    assert [(q.commit, q.verified) for q in p.prerequisites] == [(chain.shas["D1"], False)]
+    assert "still fails" in p.prerequisites[0].why and chain.shas["D1"][:12] in p.prerequisites[0].why
+
+
+def test_prerequisite_budget_ends_the_search_unverified(chain, tmp_path):
+    res = apply_on(chain, chain.series(["P"]), "linux-1.0.y", tmp_path, budget=0)
+    p = res.patches[0]
+    assert p.prerequisites and not any(q.verified for q in p.prerequisites)
+    assert "budget" in p.prerequisites[0].why
+
+
+def test_stable_dep_of_backport_is_present_and_names_nothing_else(chain, tmp_path):
+    """BP_DEP cites DEP ("[ Upstream commit ]") and carries "Stable-dep-of: FIX": DEP is
+    present, FIX (whose backport was dropped) is not."""
+    res = apply_on(chain, chain.series(["DEP", "FIX"]), "linux-1.0.y", tmp_path)
+    dep, fix = res.patches
+    assert (dep.status, dep.present_by, dep.present_as) == ("already-present", "upstream-ref", chain.shas["BP_DEP"])
+    assert (fix.status, fix.method) == ("applied", "offset") and "offset +1 line" in fix.detail
+    assert res.verdict == "clean"
