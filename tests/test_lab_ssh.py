@@ -105,11 +105,15 @@ def test_insecure_host_keys_accepts_and_logs(sshd: Sshd, tmp_path: Path) -> None
     assert kh.read_text() == sshd.known_hosts_line(sshd.keys.other_host_key)
 
 
-def test_logs_name_the_key_file_never_its_content(sshd: Sshd, sshd_keys) -> None:  # noqa: F811
-    log = Log()
-    with HostConnection(sshd.host_spec(), log=log) as c:
+def test_logs_name_the_key_file_never_its_content(sshd: Sshd, sshd_keys, caplog) -> None:  # noqa: F811
+    """The route line (printed once per host by the boot stage, logged to run.log at
+    every connection) names the key file, never its content."""
+    caplog.set_level("INFO", logger="kpatchtest.lab.ssh")
+    with HostConnection(sshd.host_spec(), log=Log()) as c:
         c.run(["true"])
-    text = "\n".join(log)
+        route = c.route()
+    text = route + "\n" + caplog.text
+    assert caplog.text.count(route) == 1
     assert str(sshd_keys.client_key) in text
     secret_lines = [ln for ln in sshd_keys.client_key.read_text().splitlines() if "PRIVATE KEY" not in ln]
     assert secret_lines and not any(ln in text for ln in secret_lines)
@@ -214,10 +218,9 @@ def test_start_detached_returns_at_once_and_outlives_the_session(conn: HostConne
 
 
 def test_jump_host(sshd: Sshd) -> None:
-    log = Log()
-    with HostConnection(sshd.host_spec(jump=f"root@127.0.0.1:{sshd.port}"), log=log) as c:
+    with HostConnection(sshd.host_spec(jump=f"root@127.0.0.1:{sshd.port}"), log=Log()) as c:
         assert c.run(["echo", "via jump"]).stdout == "via jump\n"
-    assert any(f"via root@[127.0.0.1]:{sshd.port}" in line for line in log)
+        assert f"via root@[127.0.0.1]:{sshd.port}" in c.route()
 
 
 def test_missing_key_file_is_a_clear_error(sshd: Sshd, tmp_path: Path) -> None:

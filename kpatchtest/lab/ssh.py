@@ -160,6 +160,23 @@ class HostConnection:
 
     # -- naming -----------------------------------------------------------------
 
+    def _route_parts(self) -> tuple[str, str, str]:
+        """(jump hop, the keys offered, the host keys trusted), for the route line and errors."""
+        h = self.host
+        hop = ""
+        if h.jump:
+            juser, jaddr, jport = parse_jump(h.jump, h.user)
+            hop = f" via {juser}@[{jaddr}]:{jport}"
+        keys = f"key file {h.key}" if h.key else "keys from the SSH agent / ~/.ssh"
+        trust = "any host key (insecure_host_keys)" if h.insecure_host_keys else f"known_hosts {self.known_hosts}"
+        return hop, keys, trust
+
+    def route(self) -> str:
+        """How this host is reached and trusted, in one line."""
+        h = self.host
+        hop, keys, trust = self._route_parts()
+        return f"ssh {h.user}@[{h.address}]:{h.port}{hop} ({h.name}): {keys}, {trust}"
+
     def _describe(self, address: str, port: int) -> str:
         h = self.host
         if (address, port) == (h.address, h.port):
@@ -206,19 +223,16 @@ class HostConnection:
         self.close()
         h = self.host
         t = h.timeouts.connect_s if connect_s is None else connect_s
-        keys = f"key file {h.key}" if h.key else "keys from the SSH agent / ~/.ssh"
-        trust = "any host key (insecure_host_keys)" if h.insecure_host_keys else f"known_hosts {self.known_hosts}"
         if h.key and not os.path.isfile(os.path.expanduser(h.key)):
             raise LabError(f"host {h.name}: key file {h.key} does not exist",
                            hint="fix `key:` in the lab inventory")
-        hop = ""
         gateway = None
         if h.jump:
             juser, jaddr, jport = parse_jump(h.jump, h.user)
             gateway = self._gateway = self._connection(juser, jaddr, jport, t, None)
-            hop = f" via {juser}@[{jaddr}]:{jport}"
+        hop, keys, _ = self._route_parts()
         if not self._announced:   # once, not at every reconnect of wait_until_up
-            self._log(f"ssh {h.user}@[{h.address}]:{h.port}{hop} ({h.name}): {keys}, {trust}")
+            _logger.info("%s", self.route())   # run.log; the boot stage says it once per host
             self._announced = True
         conn = self._conn = self._connection(h.user, h.address, h.port, t, gateway)
         try:

@@ -132,6 +132,7 @@ def _after_boot(host: HostSpec, b: BranchResult, res: BootResult, after_boot: Af
 def _boot_on(host: HostSpec, todo, run_dir: Path, spec: Spec, quarantine: Quarantine, state: Path, owner: str,
              progress: Progress, after_boot: AfterBoot | None) -> None:
     booter = Booter(host, run_dir, log=progress.log)
+    progress.log(HostConnection(host).route())     # once per host; every reconnect goes to run.log
     try:
         with local_host_lock(state, host.name, host.timeouts.lock_wait_s):
             for b, label, build, n in todo:
