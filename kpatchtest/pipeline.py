@@ -23,7 +23,7 @@ from kpatchtest.kernelrepo import KernelCache, ResolvedKernel
 from kpatchtest.patchset import Series
 from kpatchtest.progress import Progress
 from kpatchtest.report import write_all
-from kpatchtest.results import ApplyResult, GateResult, RunResult, SeriesInfo, SeriesPatchInfo
+from kpatchtest.results import SCHEMA_VERSION, ApplyResult, GateResult, RunResult, SeriesInfo, SeriesPatchInfo
 from kpatchtest.series import FetchOptions, fetch_series
 from kpatchtest.spec import GATE_ACCEPTS, LoadedSpec
 from kpatchtest.stages import boot_stage, build_stage
@@ -141,9 +141,10 @@ class OutDir:
         os.replace(tmp, p)
 
 
-def _apply_key(series: Series, target: BranchTarget, base: str | None, upstream: str | None, hints: bool) -> str:
+def _apply_key(series: Series, target: BranchTarget, ctx: ApplyContext) -> str:
     h = hashlib.sha256()
-    for part in (__version__, target.commit, base or "", upstream or "", str(hints)):
+    for part in (__version__, str(SCHEMA_VERSION), target.commit, ctx.base or "", ctx.upstream or "", str(ctx.hints),
+                 str(ctx.prerequisite_budget_s), *ctx.branches):
         h.update(part.encode() + b"\0")
     for p in series.patches:
         h.update(f"{p.index}\0{p.subject}\0{p.upstream_commit}\0{p.diff}\0".encode())
@@ -298,7 +299,9 @@ def _apply_stage(loaded: LoadedSpec, opts: RunOptions, series: Series, branches,
         scratch = out.state / "scratch"
         scratch.mkdir(exist_ok=True)
         ctx = ApplyContext(git=kernel.git, scratch=scratch, base=base, upstream=kernel.upstream,
-                           ref_prefix=out.ref_prefix, hints=opts.hints)
+                           ref_prefix=out.ref_prefix, hints=opts.hints,
+                           branches=tuple(t.commit for t in kernel.targets),
+                           prerequisite_budget_s=spec.apply.prerequisite_budget_s)
         targets = {t.name: t for t in kernel.targets}
         for b in branches:
             br = result.branch(b.name)
@@ -308,7 +311,7 @@ def _apply_stage(loaded: LoadedSpec, opts: RunOptions, series: Series, branches,
                 continue
             target = targets[b.name]
             br.commit = target.commit
-            key = _apply_key(series, target, base, kernel.upstream, opts.hints)
+            key = _apply_key(series, target, ctx)
             cached = out.cached(key)
             if cached and (not cached.get("patched_commit") or kernel.git.rev_parse(cached["patched_commit"])):
                 br.apply = ApplyResult.model_validate(cached)

@@ -89,6 +89,12 @@ class ConfigsSpec(_Strict):
     required: list[str] = Field(default_factory=list)   # symbols whose loss is an error, not a warning
 
 
+class ApplySpec(_Strict):
+    """How the apply stage searches; what its verdicts must be is gates.apply."""
+
+    prerequisite_budget_s: float = Field(default=30, ge=0)  # per conflicting patch
+
+
 class BuildSpec(_Strict):
     """Which branches to build and how."""
 
@@ -201,6 +207,7 @@ class Spec(_Strict):
     kernel: KernelSpec
     fetch: FetchSpec = Field(default_factory=FetchSpec)
     gates: GatesSpec = Field(default_factory=GatesSpec)
+    apply: ApplySpec = Field(default_factory=ApplySpec)
     configs: ConfigsSpec | None = None     # no configs: no build stage
     build: BuildSpec = Field(default_factory=BuildSpec)
     lab: LabRef | None = None       # no lab: no boot stage

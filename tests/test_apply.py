@@ -257,3 +257,14 @@ def test_stable_dep_of_backport_is_present_and_names_nothing_else(chain, tmp_pat
     assert (dep.status, dep.present_by, dep.present_as) == ("already-present", "upstream-ref", chain.shas["BP_DEP"])
     assert (fix.status, fix.method) == ("applied", "offset") and "offset +1 line" in fix.detail
     assert res.verdict == "clean"
+
+
+def test_spec_apply_budget(tmp_path):
+    from kpatchtest.errors import InputError
+    from kpatchtest.spec import parse_spec
+    text = "name: x\nseries: [{mbox: a.mbox}]\nkernel: {repo: /r, branches: [b]}\n"
+    assert parse_spec(text, tmp_path / "s.yaml").spec.apply.prerequisite_budget_s == 30
+    spec = parse_spec(text + "apply: {prerequisite_budget_s: 5}\n", tmp_path / "s.yaml").spec
+    assert spec.apply.prerequisite_budget_s == 5
+    with pytest.raises(InputError, match="prerequisite_budget_s"):
+        parse_spec(text + "apply: {prerequisite_budget_s: -1}\n", tmp_path / "s.yaml")

@@ -46,7 +46,7 @@ def test_good_spec_resolves_paths_relative_to_the_spec(tmp_path):
     (GOOD.replace("  - msgid: abc@example.org\n    version: 3\n", "  - foo: 1\n"),
      "s.yaml:3: series[0]: expected a mapping with one of msgid:, mbox:, commits:; found {'foo': 1}"),
     (GOOD.replace("default: clean", "default: cleen"), "s.yaml:13: gates.apply.default: input should be 'clean', 'three-way', 'partial' or 'any'; found 'cleen'"),
-    (GOOD + "workload: []\n", "s.yaml:14: workload: unknown key (allowed: build, configs, fetch, gates"),
+    (GOOD + "workload: []\n", "s.yaml:14: workload: unknown key (allowed: apply, build, configs, fetch, gates"),
     (GOOD.replace("name: x\n", ""), "s.yaml: name: required key is missing"),
     ("name: x\nseries: [\n", "s.yaml:3: malformed YAML"),
     ("- just a list\n", "s.yaml:1: expected a mapping at the top level; found CommentedSeq"),
