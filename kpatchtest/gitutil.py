@@ -12,6 +12,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from kpatchtest import rawtext
 from kpatchtest.errors import GitError
 
 # Reproducible, identity-free commits for imports and synthetic trees.
@@ -53,11 +54,16 @@ class Git:
 
     def run(self, *args: str, input: str | bytes | None = None, check: bool = True,
             env: dict[str, str] | None = None, text: bool = True) -> subprocess.CompletedProcess:
+        """Run git; with text=True, str input and stdout keep every byte (see rawtext:
+        a patch's latin-1 byte reaches git and comes back unchanged), stderr is display
+        text. Bytes in and out as they are, no newline translation."""
         cmd = ["git", "-C", str(self.repo), *args]
-        if isinstance(input, str) and not text:
-            input = input.encode()
-        p = subprocess.run(cmd, input=input, capture_output=True, text=text,
-                           env=self._env(env), errors="replace" if text else None)
+        if isinstance(input, str):
+            input = rawtext.encode(input)
+        p = subprocess.run(cmd, input=input, capture_output=True, env=self._env(env))
+        if text:
+            p.stdout = rawtext.decode(p.stdout)
+            p.stderr = p.stderr.decode("utf-8", "replace")
         if check and p.returncode != 0:
             raise GitError(f"`{shlex.join(cmd)}` failed (exit {p.returncode})"
                            + (f" with GIT_INDEX_FILE={self.index_file}" if self.index_file else "")
