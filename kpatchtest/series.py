@@ -413,6 +413,9 @@ _DIFF_HEADER_RE = re.compile(
     r"similarity index |dissimilarity index |rename (from|to) |copy (from|to) |Binary files |"
     r"GIT binary patch|@@ |\\ )")
 _HUNK_RE = re.compile(r"^@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@")
+# git's binary hunks: "literal N" / "delta N", base85 lines led by a length letter, an
+# empty line closing each hunk.
+_BINARY_RE = re.compile(r"^(?:(?:literal|delta) \d+|[A-Za-z][0-9A-Za-z!#$%&()*+;<=>?@^_`{|}~-]+|)$")
 
 
 def _cut_signature(lines: list[str]) -> str:
@@ -420,11 +423,13 @@ def _cut_signature(lines: list[str]) -> str:
 
     Walks hunks by their line counts, so a removed line that reads "- " (i.e. "-- ")
     inside a hunk is not mistaken for the signature separator; outside hunks only diff
-    header lines (and binary patch data) belong to the diff.
+    header lines and binary patch data belong to the diff. A diff ending in a binary
+    patch keeps the empty line that closes its last hunk: without it git apply calls
+    the patch corrupt.
     """
     out: list[str] = []
     old_left = new_left = 0
-    in_binary = False
+    in_binary = ends_binary = False
     for i, ln in enumerate(lines):
         if old_left > 0 or new_left > 0:
             out.append(ln)
@@ -439,7 +444,7 @@ def _cut_signature(lines: list[str]) -> str:
             continue
         if ln in ("-- ", "--"):
             break
-        if in_binary and not ln.startswith("diff --git "):
+        if in_binary and _BINARY_RE.match(ln):
             out.append(ln)
             continue
         in_binary = False
@@ -451,8 +456,10 @@ def _cut_signature(lines: list[str]) -> str:
             break
         if not _DIFF_HEADER_RE.match(ln):
             break
+        if ln.startswith("diff --git "):
+            ends_binary = False
         if ln.startswith("GIT binary patch"):
-            in_binary = True
+            in_binary = ends_binary = True
         m = _HUNK_RE.match(ln)
         if m:
             old_left = int(m.group(1)) if m.group(1) is not None else 1
@@ -460,6 +467,8 @@ def _cut_signature(lines: list[str]) -> str:
         out.append(ln)
     while out and out[-1] == "":
         out.pop()
+    if ends_binary:
+        out.append("")
     return "\n".join(out) + "\n" if out else ""
 
 

@@ -69,3 +69,32 @@ def test_rename_new_and_deleted_files():
     assert "rename from" not in ren.renamed_to("other.c") and "+++ b/other.c" in ren.renamed_to("other.c")
     assert (new.old_path, new.new_path) == (None, "added.c")
     assert (gone.old_path, gone.new_path) == ("gone.c", None)
+
+
+BINARY_THEN_TEXT = """\
+diff --git a/fw.bin b/fw.bin
+index 1111111..2222222 100644
+GIT binary patch
+delta 18
+ZcmZo*Yhq(#U}R!uVc5v_i;0QhKL8z+1JeKi
+
+delta 12
+TcmZo-Yhc^N$jCIAk?}tO6q5s4
+
+diff --git a/notes.txt b/notes.txt
+index 3333333..4444444 100644
+--- a/notes.txt
++++ b/notes.txt
+@@ -1 +1 @@
+-v1
++v2
+"""
+
+
+def test_binary_file_keeps_its_hunks_and_closing_empty_line():
+    """git apply calls a binary patch corrupt without the empty line ending each hunk."""
+    fw, notes = parse_diff(BINARY_THEN_TEXT)
+    assert fw.binary and fw.hunks == [] and fw.path == "fw.bin"
+    assert fw.text + notes.text == BINARY_THEN_TEXT
+    assert fw.text.endswith("q5s4\n\n")
+    assert diff_size(BINARY_THEN_TEXT) == 2
