@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kpatchtest import rawtext
+
 
 @dataclass(frozen=True)
 class Patch:
@@ -31,10 +33,17 @@ class Patch:
         return out
 
     def as_mbox(self) -> str:
-        """A git-am/format-patch style mail of this patch."""
+        """A git-am/format-patch style mail of this patch; its diff may hold raw bytes
+        (see rawtext), so write it with `rawtext.encode` (`Series.as_mbox` does).
+
+        8bit UTF-8, as format-patch writes it: git am converts the message from the
+        declared charset and applies the diff's bytes as they are.
+        """
         return (
             f"From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001\n"
-            f"From: {self.author}\nDate: {self.date}\nSubject: [PATCH] {self.subject}\n\n"
+            f"From: {self.author}\nDate: {self.date}\nSubject: [PATCH] {self.subject}\n"
+            f"MIME-Version: 1.0\nContent-Type: text/plain; charset=UTF-8\n"
+            f"Content-Transfer-Encoding: 8bit\n\n"
             f"{self.message.rstrip()}\n---\n{self.diff}"
         )
 
@@ -52,3 +61,7 @@ class Series:
     prerequisite_patch_ids: tuple[str, ...] = ()
     link: str | None = None             # lore link of the thread
     msgids: tuple[str, ...] = field(default=())
+
+    def as_mbox(self) -> bytes:
+        """The series as one mbox for git am, with the diffs' bytes as they are applied."""
+        return rawtext.encode("".join(p.as_mbox() + "\n" for p in self.patches))

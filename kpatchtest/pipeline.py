@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from kpatchtest import __version__
+from kpatchtest import __version__, rawtext
 from kpatchtest.apply import ApplyContext, BranchTarget, apply_series
 from kpatchtest.errors import EXIT_GATE, EXIT_INPUT, EXIT_OK, InputError
 from kpatchtest.kernelrepo import KernelCache, ResolvedKernel
@@ -147,7 +147,7 @@ def _apply_key(series: Series, target: BranchTarget, ctx: ApplyContext) -> str:
                  str(ctx.prerequisite_budget_s), *ctx.branches):
         h.update(part.encode() + b"\0")
     for p in series.patches:
-        h.update(f"{p.index}\0{p.subject}\0{p.upstream_commit}\0{p.diff}\0".encode())
+        h.update(rawtext.encode(f"{p.index}\0{p.subject}\0{p.upstream_commit}\0{p.diff}\0"))
     return "apply-" + h.hexdigest()[:24]
 
 
@@ -260,7 +260,7 @@ def run(loaded: LoadedSpec, opts: RunOptions, progress: Progress | None = None) 
 
     with OutDir(opts.out) as out:
         out.capture_library_logs()
-        (opts.out / "series.mbox").write_text("".join(p.as_mbox() + "\n" for p in series.patches))
+        (opts.out / "series.mbox").write_bytes(series.as_mbox())
         if "apply" in opts.stages:
             kernel = _apply_stage(loaded, opts, series, branches, result, out, progress)
             if recipe is not None:
@@ -317,7 +317,7 @@ def _apply_stage(loaded: LoadedSpec, opts: RunOptions, series: Series, branches,
                 br.apply = ApplyResult.model_validate(cached)
                 progress.step(b.name, f"{br.apply.verdict} (unchanged inputs, reused)")
                 continue
-            br.apply = apply_series(ctx, series, target)
+            br.apply = rawtext.displayable(apply_series(ctx, series, target))
             out.store(key, br.apply.model_dump_json())
             progress.step(b.name, f"{br.apply.verdict} in {br.apply.duration_s:.2f} s")
     return kernel

@@ -38,19 +38,23 @@ import sys
 import tempfile
 import time
 import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Sequence
 
+from kpatchtest import rawtext
 from kpatchtest.errors import FetchError, GitError
 from kpatchtest.gitutil import Git
 from kpatchtest.patchset import Patch, Series
 from kpatchtest.sources import CommitsSource, MboxSource, MsgidSource, Source
 
 ATTESTATION_POLICIES = ("off", "softfail", "hardfail")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2             # 2: entries keep the mails as sent (sent/) for byte-faithful diffs
 B4_TIMEOUT = 300            # seconds for one b4 run (liblore has its own HTTP timeouts)
+RAW_TIMEOUT = 60            # seconds to fetch one mail as sent from the archive
+LORE_MIDMASK = "https://lore.kernel.org/all/%s"   # b4's default
 _NAME = "series"            # b4 am -n: output is series.maildir + series.cover
 
 
@@ -472,6 +476,89 @@ def _cut_signature(lines: list[str]) -> str:
     return "\n".join(out) + "\n" if out else ""
 
 
+# ---- the mails as sent
+#
+# b4 rewrites every body as UTF-8: a latin-1 mail's bytes come out transcoded, bytes that
+# are not valid in the declared charset as U+FFFD. git am converts only the commit
+# message (i18n.commitEncoding) and applies the diff's bytes as they were mailed. So a
+# cache entry keeps the mails as sent (sent/, by Message-Id) and a diff that is not pure
+# ASCII in b4's copy is taken from there, byte for byte (see rawtext).
+
+def _sent_stem(msgid: str) -> str:
+    return hashlib.sha256(msgid.encode()).hexdigest()[:32]
+
+
+def _keep_sent(entry: Path, msgid: str, raws: Sequence[bytes]) -> None:
+    """Keep the mail(s) sent with this Message-Id (an archive may hold duplicates)."""
+    d = entry / "sent"
+    d.mkdir(exist_ok=True)
+    for n, raw in enumerate(raws):
+        (d / f"{_sent_stem(msgid)}-{n}.eml").write_bytes(raw)
+
+
+def _split_mboxrd(data: bytes) -> list[bytes]:
+    """Mails of an mboxrd (public-inbox /raw): "From " lines cut, ">From" unquoted."""
+    mails: list[list[bytes]] = []
+    for line in data.splitlines(keepends=True):
+        if line.startswith(b"From ") or not mails:
+            mails.append([])
+            if line.startswith(b"From "):
+                continue
+        mails[-1].append(re.sub(rb"^>(>*From )", rb"\1", line))
+    return [b"".join(m) for m in mails if b"".join(m).strip()]
+
+
+def _fetch_sent(entry: Path, opts: FetchOptions, what: str) -> None:
+    """Fetch from the archive, as sent, the mails whose diff b4 may have re-encoded."""
+    mask = opts.midmask or LORE_MIDMASK
+    for f in _patch_files(entry):
+        msg = _read_mail(f)
+        mid = _msgid(msg)
+        if not mid or _split_body(_body_text(msg))[1].isascii():
+            continue
+        url = mask.replace("%s", urllib.parse.quote_plus(mid)).rstrip("/") + "/raw"
+        try:
+            with urllib.request.urlopen(url, timeout=RAW_TIMEOUT) as resp:
+                data = resp.read()
+        except (OSError, ValueError) as ex:
+            raise FetchError(f"{what}: cannot fetch <{mid}> as sent from {url} ({ex}); its diff "
+                             f"has bytes beyond ASCII that b4 re-encodes",
+                             hint="retry later; kpatchtest needs the mail's own bytes to apply it as git am would") from None
+        _keep_sent(entry, mid, _split_mboxrd(data))
+
+
+def _as_b4_decodes(diff: str, charset: str | None) -> str:
+    """What b4 makes of these bytes: decoded with the mail's charset, errors replaced."""
+    try:
+        return rawtext.encode(diff).decode(charset or "utf-8", "replace")
+    except LookupError:
+        return rawtext.encode(diff).decode("utf-8", "replace")
+
+
+def _diff_as_sent(entry: Path, msgid: str | None, b4_diff: str, what: str) -> str:
+    """The diff with the bytes of the mail as sent: the one text part whose diff, read the
+    way b4 reads it, is b4's diff. Anything else is an error, never a silent rewrite."""
+    sent = sorted((entry / "sent").glob(f"{_sent_stem(msgid)}-*.eml")) if msgid else []
+    if not sent:
+        raise FetchError(f"{what}: its diff has bytes beyond ASCII and the mail as sent is not at hand, "
+                         f"so they cannot be kept as mailed",
+                         hint="this is a bug in kpatchtest; please report it")
+    for f in sent:
+        msg = email.message_from_bytes(f.read_bytes(), policy=_POLICY)
+        for part in msg.walk():
+            ctype = part.get_content_type()
+            payload = part.get_payload(decode=True)
+            if not ctype.endswith(("/plain", "/x-patch")) or not isinstance(payload, bytes):
+                continue
+            _, diff = _split_body(rawtext.decode(payload).replace("\r\n", "\n"))
+            charset = part.get_content_charset() or msg.get_content_charset()
+            if diff and _as_b4_decodes(diff, charset) == b4_diff:
+                return diff
+    raise FetchError(f"{what}: the diff b4 extracted does not match the mail as sent, so its bytes "
+                     f"cannot be kept as mailed",
+                     hint="check the mail's charset and transfer encoding (git am it by hand to compare)")
+
+
 def _author(msg: EmailMessage) -> str:
     name, addr = email.utils.parseaddr(str(msg.get("From", "")))
     name = " ".join(name.split())
@@ -492,12 +579,16 @@ _BASE_RE = re.compile(r"^base-commit:\s*([0-9a-f]{7,64})\s*$", re.M)
 _PREREQ_RE = re.compile(r"^prerequisite-patch-id:\s*([0-9a-f]{40,64})\s*$", re.M)
 
 
+def _patch_files(entry: Path) -> list[Path]:
+    maildir = entry / f"{_NAME}.maildir"
+    return sorted(p for sub in ("new", "cur") for p in (maildir / sub).glob("*") if p.is_file())
+
+
 def _load_entry(entry: Path, what: str, with_msgids: bool = True,
                 upstream: dict[str, str] | None = None) -> _Fetched:
     """Parse a b4 output dir (series.maildir, series.cover, meta.json) into patches."""
     meta = json.loads((entry / "meta.json").read_text())
-    maildir = entry / f"{_NAME}.maildir"
-    files = sorted(p for sub in ("new", "cur") for p in (maildir / sub).glob("*") if p.is_file())
+    files = _patch_files(entry)
     if not files:
         raise FetchError(f"{what}: no patch series found in it",
                          hint="check that it is a patch series (git format-patch / lore mbox)")
@@ -523,6 +614,8 @@ def _load_entry(entry: Path, what: str, with_msgids: bool = True,
             raise FetchError(f"{what}: patch {i + 1} ({_strip_prefix(raw_subject)!r}) has no diff",
                              hint="check the mails of the series")
         mid = _msgid(msg)
+        if not diff.isascii():
+            diff = _diff_as_sent(entry, mid, diff, f"{what}: patch {i + 1} ({_strip_prefix(raw_subject)!r})")
         if len(att) == len(files):
             a = att[i]
         else:       # b4 listed a different number of patches: match them by subject
@@ -660,6 +753,7 @@ def _fetch_msgid(src: MsgidSource, opts: FetchOptions) -> _Fetched:
             cmd += ["-v", str(src.version)]
         cmd += ["--", msgid]
         log = _run_b4(cmd, tmp, what)
+        _fetch_sent(tmp, opts, what)
         _write_meta(tmp, _b4_meta(log, opts, kind="msgid", msgid=msgid, version=src.version,
                                   midmask=opts.midmask))
 
@@ -699,25 +793,31 @@ def _fetch_mbox(src: MboxSource, opts: FetchOptions) -> _Fetched:
 
 def _with_message_ids(path: Path, data: bytes, tmp: Path) -> Path:
     """b4 threads by Message-Id; plain `git format-patch --stdout` has none. Give such
-    mails deterministic ids, threaded under the first one, in a copy of the mbox."""
+    mails deterministic ids, threaded under the first one, in a copy of the mbox. Every
+    mail is also kept as sent, under the id b4 will see."""
     import mailbox
 
     box = mailbox.mbox(str(path), create=False)
-    msgs = list(box)
-    box.close()
-    if not msgs or all(m.get("Message-Id") for m in msgs):
-        return path
+    try:
+        mails = [(box.get_message(k), box.get_bytes(k)) for k in box.keys()]
+    finally:
+        box.close()
     digest = hashlib.sha256(data).hexdigest()[:16]
-    root = None
+    ids = [m.get("Message-Id") or f"<kpatchtest-{digest}-{i}@localhost>" for i, (m, _) in enumerate(mails)]
+    sent: dict[str, list[bytes]] = {}
+    for mid, (_, raw) in zip(ids, mails):
+        sent.setdefault(_clean_msgid(str(mid)), []).append(raw)
+    for mid, raws in sent.items():
+        _keep_sent(tmp, mid, raws)
+    if all(m.get("Message-Id") for m, _ in mails):
+        return path
     out = mailbox.mbox(str(tmp / "with-message-ids.mbox"))
-    for i, m in enumerate(msgs):
+    for i, (m, _) in enumerate(mails):
         if not m.get("Message-Id"):
-            m["Message-Id"] = f"<kpatchtest-{digest}-{i}@localhost>"
-        if root is None:
-            root = m["Message-Id"]
-        elif not m.get("In-Reply-To"):
-            m["In-Reply-To"] = root
-            m["References"] = root
+            m["Message-Id"] = ids[i]
+        if i and not m.get("In-Reply-To"):
+            m["In-Reply-To"] = ids[0]
+            m["References"] = ids[0]
         out.add(m)
     out.flush()
     out.close()
@@ -777,6 +877,7 @@ def _fetch_commits(src: CommitsSource, opts: FetchOptions) -> _Fetched:
         for sub in ("new", "cur", "tmp"):
             (md / sub).mkdir(parents=True)
         upstream: dict[str, str] = {}
+        sent: dict[str, bytes] = {}
         for n, f in enumerate(sorted(fp.glob("*.patch"))):
             raw = f.read_bytes()
             first, _, rest = raw.partition(b"\n")
@@ -786,10 +887,13 @@ def _fetch_commits(src: CommitsSource, opts: FetchOptions) -> _Fetched:
                 mid = _msgid(email.message_from_bytes(raw, policy=_POLICY))  # type: ignore[arg-type]
                 if mid:
                     upstream[mid] = m.group(1).decode()
+                    sent[mid] = raw
             (md / "new" / f"{n:04d}.eml").write_bytes(raw)
         cmd = _b4_base_cmd(opts, offline=True) + ["am", "-M", "-n", _NAME, "-o", str(tmp / "out"),
                                                   "-m", str(md)]
         log = _run_b4(cmd, tmp / "out", what)
+        for mid, raw in sent.items():
+            _keep_sent(tmp / "out", mid, [raw])
         _write_meta(tmp / "out", _b4_meta(log, opts, kind="commits", commits=rng, repo=str(repo)))
         return upstream
 
