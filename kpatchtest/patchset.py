@@ -61,6 +61,7 @@ class Series:
     prerequisite_patch_ids: tuple[str, ...] = ()
     link: str | None = None             # lore link of the thread
     msgids: tuple[str, ...] = field(default=())
+    title_note: str | None = None       # why the title is not the cover's subject, for the run to show
 
     def as_mbox(self) -> bytes:
         """The series as one mbox for git am, with the diffs' bytes as they are applied."""

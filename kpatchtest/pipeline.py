@@ -256,6 +256,8 @@ def run(loaded: LoadedSpec, opts: RunOptions, progress: Progress | None = None) 
     with progress.stage("fetch", 1):
         series = fetch_series(spec.sources, fetch_opts, title=None)
         progress.step(series.title, f"{len(series.patches)} patch(es)")
+        if series.title_note:
+            progress.log(f"note: {series.title_note}")
     result.series = series_info(series)
 
     with OutDir(opts.out) as out:

@@ -100,6 +100,8 @@ def fetch_series(sources: Sequence[Source], opts: FetchOptions, title: str | Non
     def first(attr):
         return next((getattr(p, attr) for p in parts if getattr(p, attr)), None)
 
+    titled = next((p for p in parts if p.title), None)
+
     prereqs: list[str] = []
     msgids: list[str] = []
     for part in parts:
@@ -115,6 +117,7 @@ def fetch_series(sources: Sequence[Source], opts: FetchOptions, title: str | Non
         prerequisite_patch_ids=tuple(prereqs),
         link=first("link"),
         msgids=tuple(msgids),
+        title_note=None if title or titled is None else titled.title_note,
     )
 
 
@@ -138,6 +141,7 @@ class _Fetched:
 
     patches: list[Patch]
     title: str | None = None
+    title_note: str | None = None
     version: int | None = None
     cover: str | None = None
     base_commit: str | None = None
@@ -634,7 +638,7 @@ def _load_entry(entry: Path, what: str, with_msgids: bool = True,
             attestation_detail=a[2],
         ))
 
-    cover_text = title = None
+    cover_text = title = title_note = None
     cover_msgid = None
     cover_file = entry / f"{_NAME}.cover"
     if cover_file.is_file():
@@ -642,6 +646,7 @@ def _load_entry(entry: Path, what: str, with_msgids: bool = True,
         title = _strip_prefix(str(cmsg.get("Subject", ""))) or None
         cover_text = _cut_cover_signature(_body_text(cmsg))
         cover_msgid = _msgid(cmsg)
+        title, title_note = _cover_title(title, cover_text, patches[0].subject)
         texts.insert(0, cover_text)
     everything = "\n".join(texts)
     base = _BASE_RE.search(everything)
@@ -653,11 +658,28 @@ def _load_entry(entry: Path, what: str, with_msgids: bool = True,
     if with_msgids:
         msgids = [m for m in [cover_msgid] + [p.msgid for p in patches] if m]
     return _Fetched(
-        patches=patches, title=title, version=version if with_msgids else None,
+        patches=patches, title=title, title_note=title_note, version=version if with_msgids else None,
         cover=cover_text, base_commit=base.group(1) if base else None,
         prerequisite_patch_ids=prereqs, link=meta.get("link") if with_msgids else None,
         msgids=msgids,
     )
+
+
+_TEMPLATE_SUBJECT = "*** SUBJECT HERE ***"     # git format-patch --cover-letter's placeholders
+_TEMPLATE_BLURB = "*** BLURB HERE ***"
+
+
+def _cover_title(subject: str | None, text: str, first_patch: str) -> tuple[str | None, str | None]:
+    """(title, note) for a cover letter. One still holding format-patch's placeholder
+    subject names nothing: the title comes from the first patch, as b4 names a series
+    without a cover, and the note says so. An edited subject over the placeholder blurb
+    stays the title, with a note."""
+    if subject and _TEMPLATE_SUBJECT in subject:
+        return first_patch, (f"the cover letter is git format-patch's unedited template "
+                             f"({_TEMPLATE_SUBJECT}): title taken from patch 1")
+    if _TEMPLATE_BLURB in text:
+        return subject, f"the cover letter's text is git format-patch's unedited template ({_TEMPLATE_BLURB})"
+    return subject, None
 
 
 def _cut_cover_signature(text: str) -> str:

@@ -3,7 +3,8 @@
 A binary patch and a patch carrying latin-1 bytes (a comment in an old kernel file) are
 made by real `git format-patch` in a real repo, fetched through b4, applied, and the
 patched tree is compared blob by blob with the source commit, and with what plain
-`git am` makes of the same mails.
+`git am` makes of the same mails. A cover letter format-patch left as its template
+names no series: the title comes from the first patch.
 """
 
 from __future__ import annotations
@@ -250,3 +251,22 @@ def test_conflicting_latin1_patch_reports_its_hunk_as_display_text(src, tmp_path
     paths = write_all(result, tmp_path / "out")
     assert "Ren\ufffd" in paths[0].read_text(encoding="utf-8")
     assert rawtext.displayable(shown) is shown         # nothing left to replace
+
+
+# ------------------------------------------------------------------ titles
+
+def test_template_cover_letter_takes_the_title_from_the_first_patch(src, tmp_path):
+    mbox = src.format_patch(f"{src.shas['base']}..{src.shas['bin2']}", "--cover-letter")
+    assert b"*** SUBJECT HERE ***" in mbox and b"*** BLURB HERE ***" in mbox
+    s = fetch_mbox(tmp_path, mbox)
+    assert s.title == "firmware: update the logo, add a table" == s.patches[0].subject
+    assert "template" in s.title_note and "patch 1" in s.title_note
+    assert len(s.patches) == 2 and "*** BLURB HERE ***" in s.cover
+
+    edited = fetch_mbox(tmp_path, mbox.replace(b"*** SUBJECT HERE ***", b"firmware: logo and table"), "edited.mbox")
+    assert edited.title == "firmware: logo and table"
+    assert "BLURB HERE" in edited.title_note
+    # a title given by the caller needs no note
+    named = fetch_series([MboxSource(mbox=str(tmp_path / "series.mbox"))],
+                         FetchOptions(cache_dir=tmp_path / "cache"), title="Mine")
+    assert named.title == "Mine" and named.title_note is None
