@@ -60,6 +60,36 @@ def test_summary_matrix_and_hints(result):
     assert all(ord(c) < 128 for c in text)      # mail-safe
 
 
+def test_summary_prerequisites_per_patch_and_offsets(result):
+    r, hist = result
+    text = summary.render(r)
+    assert ("patch 2: needs first (verified: git am -3 of these in this order, then the patch, applies; "
+            "2 commit(s), 4 lines):") in text
+    row = next(line for line in text.splitlines() if "change needing an offset" in line)
+    assert "applied (offsets)" in row and "patch 4: applied at offsets: hunk 1 at offset +3 lines" in text
+
+
+def test_schema_4_results_still_render(result, tmp_path):
+    """Before 5: prerequisites only per branch, offsets counted as applied-3way."""
+    r, hist = result
+    data = json.loads(r.model_dump_json())
+    data["schema_version"] = 4
+    apply = data["branches"][0]["apply"]
+    for p in apply["patches"]:
+        p.pop("prerequisites")
+        if p["method"] == "offset":
+            p["status"] = "applied-3way"
+    for q in apply["prerequisites"]:
+        q.pop("why"), q.pop("needs")
+    p = tmp_path / "results.json"
+    p.write_text(json.dumps(data))
+    assert main(["report", str(p), "--out", str(tmp_path / "re")]) == 0
+    text = (tmp_path / "re" / "summary.md").read_text()
+    assert 'patch 2: needs first (verified' in text and hist.shas["A"][:12] in text
+    assert "offset" in next(line for line in text.splitlines() if "change needing an offset" in line)
+    assert "verified" in (tmp_path / "re" / "junit.xml").read_text()
+
+
 def test_results_roundtrip_and_report_command(result, tmp_path):
     r, _ = result
     write_all(r, tmp_path)

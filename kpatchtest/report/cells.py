@@ -4,20 +4,25 @@ Workload lines (aggregation over rounds, medians, status counts) are in workload
 
 from __future__ import annotations
 
-from kpatchtest.results import BootResult, BranchResult, BuildResult, PatchResult, RunResult
+from kpatchtest.results import BootResult, BranchResult, BuildResult, PatchResult, Prerequisite, RunResult
+
+
+def _needs(p: PatchResult) -> str:
+    return "needs " + ",".join(f"#{i}" for i in p.depends_on)
 
 
 def patch_cell(p: PatchResult) -> str:
     if p.status == "applied":
-        return "applied"
+        return "applied (offsets)" if p.method == "offset" else "applied"
     if p.status == "applied-3way":
+        # "offset" only in results before schema 5, which counted offsets as 3-way
         return {"offset": "offset", "3way": "3-way", "fuzz": "FUZZ", "rename": "renamed"}.get(p.method or "", "3-way")
     if p.status == "already-present":
         return f"present {p.present_as[:12]}" if p.present_as else "present"
     if p.status == "skipped":
-        return "skipped (needs " + ",".join(f"#{i}" for i in p.depends_on) + ")"
+        return f"skipped ({_needs(p)})"
     files = ", ".join(f"{c.file.rsplit('/', 1)[-1]}:{c.hunks}" for c in p.conflicts)
-    return f"CONFLICT {files}".strip()
+    return f"CONFLICT {files}".strip() + (f" ({_needs(p)})" if p.depends_on else "")
 
 
 def branch_verdict(b: BranchResult) -> str:
@@ -45,6 +50,33 @@ def cell(b: BranchResult, index: int) -> PatchResult | None:
 def kernel_ref(sha: str, subject: str) -> str:
     """The kernel's way of citing a commit: 12 hex digits and the subject."""
     return f'{sha[:12]} ("{subject}")'
+
+
+def patch_prerequisites(b: BranchResult, p: PatchResult) -> list[Prerequisite]:
+    """A patch's own prerequisites; results before schema 5 only have the branch's list."""
+    if p.prerequisites or not b.apply:
+        return p.prerequisites
+    return [q for q in b.apply.prerequisites if p.index in q.for_patches]
+
+
+def prerequisite_notes(prereqs: list[Prerequisite]) -> list[str]:
+    """What a conflicting patch needs first: the verified set with its size and chain,
+    then the candidates no trial confirmed, with why. Plain lines for every report."""
+    verified = [q for q in prereqs if q.verified]
+    others = [q for q in prereqs if not q.verified]
+    out = []
+    if verified:
+        lines = sum(q.size for q in verified)
+        out.append(f"needs first (verified: git am -3 of these in this order, then the patch, applies; "
+                   f"{len(verified)} commit(s), {lines} lines):")
+        out += [f"  {kernel_ref(q.commit, q.subject)} [{q.size} lines]"
+                + (", needs " + ", ".join(n[:12] for n in q.needs) if q.needs else "") for q in verified]
+    if others:
+        why = others[0].why if all(q.why == others[0].why for q in others) else ""
+        out.append("also changed the rejected lines (unverified" + (f": {why}" if why else "") + "):")
+        out += [f"  {kernel_ref(q.commit, q.subject)} [{q.size} lines]" + (f": {q.why}" if q.why and not why else "")
+                for q in others]
+    return out
 
 
 def build_cell(r: BuildResult | None, patched: bool = False) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from html import escape
 from pathlib import Path
 
-from kpatchtest.report.cells import (boot_notes, boot_rows, branch_verdict, build_notes, build_rows, cell, kernel_ref,
-                                     patch_cell, patch_rows)
+from kpatchtest.report.cells import (boot_notes, boot_rows, branch_verdict, build_notes, build_rows, cell, patch_cell,
+                                     patch_prerequisites, patch_rows, prerequisite_notes)
 from kpatchtest.report.workload_cells import BranchWorkloads, branch_workloads, counts_text, workload_rows
 from kpatchtest.results import BranchResult, RunResult
 
@@ -93,10 +93,8 @@ def render(result: RunResult) -> str:
             h += _workloads(b, bw)
         if not b.apply:
             continue
-        details = []
-        for q in b.apply.prerequisites:
-            details.append(f"<li>{escape(kernel_ref(q.commit, q.subject))} [{q.size} lines] "
-                           f"{'verified' if q.verified else 'unverified'}</li>")
+        details = [f"<li>patch {p.index}: <pre>{escape(chr(10).join(notes))}</pre></li>" for p in b.apply.patches
+                   if p.status == "conflict" and (notes := prerequisite_notes(patch_prerequisites(b, p)))]
         hunks = [f"<h3>patch {p.index}: {escape(c.file)} ({c.hunks} hunks) {escape(c.reason)}</h3>"
                  f"<pre>{escape(''.join(c.rejected))}</pre>" for p in b.apply.patches for c in p.conflicts]
         if details or hunks:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from junit_xml import TestCase, TestSuite, to_xml_report_string
 
-from kpatchtest.report.cells import kernel_ref
+from kpatchtest.report.cells import patch_prerequisites, prerequisite_notes
 from kpatchtest.report.workload_cells import log_tail, max_round, record_label, run_label
 from kpatchtest.results import BootResult, BranchResult, BuildResult, PatchResult, RunResult, WorkloadRun
 from kpatchtest.workloads.record import WorkloadRecord
@@ -39,10 +39,11 @@ def _patch_case(b: BranchResult, p: PatchResult) -> TestCase:
     elif p.status == "conflict":
         files = ", ".join(f"{c.file} ({c.hunks} hunks)" for c in p.conflicts)
         text = "\n\n".join(f"{c.file}: {c.reason}\n" + "".join(c.rejected) for c in p.conflicts)
-        hints = [q for q in b.apply.prerequisites if p.index in q.for_patches] if b.apply else []
+        if p.depends_on:
+            text += f"\n\n{p.detail}"
+        hints = prerequisite_notes(patch_prerequisites(b, p))
         if hints:
-            text += "\n\nprerequisite hints:\n" + "\n".join(
-                f"  {kernel_ref(q.commit, q.subject)} {'verified' if q.verified else 'unverified'}" for q in hints)
+            text += "\n\nprerequisites:\n" + "\n".join(hints)
         tc.add_failure_info(message=_clean(f"conflict: {files}"), output=_clean(text))
     return tc
 

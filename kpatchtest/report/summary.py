@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kpatchtest.report.cells import (boot_notes, boot_rows, branch_verdict, build_notes, build_rows, cell, kernel_ref,
-                                     patch_cell, patch_rows)
+from kpatchtest.report.cells import (boot_notes, boot_rows, branch_verdict, build_notes, build_rows, cell, patch_cell,
+                                     patch_prerequisites, patch_rows, prerequisite_notes)
 from kpatchtest.report.workload_cells import workload_notes, workload_rows
 from kpatchtest.results import RunResult
 
@@ -49,19 +49,14 @@ def render(result: RunResult) -> str:
             notes.append(f"  error: {b.error}")
         if b.apply:
             for p in b.apply.patches:
-                if p.status == "applied-3way" and p.detail:
+                if p.detail and (p.method or p.status == "conflict"):
                     notes.append(f"  patch {p.index}: {p.detail}")
                 for c in p.conflicts:
                     notes.append(f"  patch {p.index}: {c.file}: {c.hunks} hunk(s) rejected"
                                  + (f" ({c.reason})" if c.reason else ""))
-            verified = [q for q in b.apply.prerequisites if q.verified]
-            others = [q for q in b.apply.prerequisites if not q.verified]
-            if verified:
-                notes.append("  needs first (verified: the series applies after these):")
-                notes += [f"    {kernel_ref(q.commit, q.subject)} [{q.size} lines]" for q in verified]
-            if others:
-                notes.append("  also touched the rejected lines (unverified):")
-                notes += [f"    {kernel_ref(q.commit, q.subject)} [{q.size} lines]" for q in others]
+                if p.status == "conflict":
+                    notes += [f"    {line}" if line.startswith(" ") else f"  patch {p.index}: {line}"
+                              for line in prerequisite_notes(patch_prerequisites(b, p))]
         notes += ["  " + line for line in build_notes(b) + boot_notes(b)]
         notes += ["  " + _ascii(line) for line in workload_notes(b)]
         if notes:
