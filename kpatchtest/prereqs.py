@@ -10,7 +10,8 @@ A set is verified only by doing what a maintainer would: on the tree the patch w
 tried on, apply each commit in upstream order the way `git am -3` does (plain, else a
 3-way merge with full-index blobs), then the patch the same way. Singles are tried
 first, then the whole candidate space pared greedily in upstream order, then every
-commit touching the rejected files. Everything runs under a per-patch time budget;
+commit touching the rejected files. The chain (X needs Y) is measured on the verified
+set: X does not go in without Y. Everything runs under a per-patch time budget;
 whatever no trial confirmed is reported unverified, with why.
 """
 
@@ -156,6 +157,7 @@ class PrerequisiteFinder:
 
     def _predecessors(self, wi: WorkIndex, c: _Commit) -> list[str]:
         """Commits before `c` that changed the lines of its hunks rejected on wi's tree."""
+        self._tick()
         shas: list[str] = []
         for fd in parse_diff(self._diff(c.sha)):
             if not fd.old_path:
@@ -169,14 +171,17 @@ class PrerequisiteFinder:
         return shas
 
     # -- trials -----------------------------------------------------------
+    def _tick(self) -> None:
+        if time.monotonic() > self._deadline:
+            raise _OutOfTime
+
     def _am3(self, wi: WorkIndex, diff: str) -> bool:
         """One patch the way git am -3 takes it: as is, else a 3-way merge."""
         return wi.apply(diff).ok or wi.apply(diff, "--3way").ok
 
     def _trial(self, wi: WorkIndex, site: ConflictSite, seq: list[_Commit]) -> tuple[bool, _Commit | None]:
         """Apply seq then the patch on the site's tree: (the patch went in, the commit that did not)."""
-        if time.monotonic() > self._deadline:
-            raise _OutOfTime
+        self._tick()
         self.trials += 1
         shas = tuple(c.sha for c in seq)
         start = next((n for n in range(len(shas), 0, -1) if shas[:n] in self._prefix), 0)
@@ -192,15 +197,33 @@ class PrerequisiteFinder:
         return self._am3(wi, site.patch.diff), None
 
     def _pare(self, wi: WorkIndex, site: ConflictSite, seq: list[_Commit]) -> list[_Commit]:
-        """Drop, oldest first, every commit the patch still applies without."""
+        """Drop, oldest first, every commit the patch still applies without. Each step keeps
+        a sufficient set, so a budget that runs out here still leaves a verified one."""
         chosen = list(seq)
-        for c in seq:
-            trial = [x for x in chosen if x is not c]
-            if self._trial(wi, site, trial)[0]:
-                chosen = trial
+        try:
+            for c in seq:
+                trial = [x for x in chosen if x is not c]
+                if self._trial(wi, site, trial)[0]:
+                    chosen = trial
+        except _OutOfTime:
+            pass
         return chosen
 
-    def _grow(self, wi: WorkIndex, site: ConflictSite, space: dict[str, _Commit], needs: dict[str, str],
+    def _chain(self, wi: WorkIndex, site: ConflictSite, chosen: list[_Commit]) -> dict[str, list[str]]:
+        """X needs Y: X goes in after the set's earlier commits, but not without Y. What
+        the budget leaves untried is left out."""
+        needs: dict[str, list[str]] = {}
+        try:
+            for i, c in enumerate(chosen):
+                if i == 0 or self._trial(wi, site, [c])[1] is not c:
+                    continue
+                needs[c.sha] = [d.sha for d in chosen[:i]
+                                if self._trial(wi, site, [x for x in chosen[:i + 1] if x is not d])[1] is c]
+        except _OutOfTime:
+            pass
+        return needs
+
+    def _grow(self, wi: WorkIndex, site: ConflictSite, space: dict[str, _Commit],
               in_series: list[int]) -> tuple[list[_Commit] | None, str]:
         """Try the whole space in upstream order; a commit that does not apply brings in its
         predecessors, or leaves the space when none explain it. (the sufficient set, or why not)"""
@@ -217,9 +240,7 @@ class PrerequisiteFinder:
             wi.reset(self._prefix_tree(site, seq, stuck))
             new = self._admit(self._predecessors(wi, stuck), set(space) | set(dropped), in_series)
             if new:
-                for c in new:
-                    space[c.sha] = c
-                    needs.setdefault(c.sha, stuck.sha)
+                space.update((c.sha, c) for c in new)
             else:
                 dropped.append(stuck.sha)
                 del space[stuck.sha]
@@ -245,10 +266,9 @@ class PrerequisiteFinder:
                 for h in hunks:
                     direct_shas += self._lines_history(site.search_base, fd.old_path, h)
         direct = {c.sha: c for c in self._admit(direct_shas, set(), in_series)}
-        needs: dict[str, str] = {}      # commit -> the commit that did not apply without it
+        needs: dict[str, list[str]] = {}
         chosen: list[_Commit] | None = None
         why = "no commit between the branch and the base changed the rejected lines"
-        listed = direct
         wi = WorkIndex(self.git, self.index_path, site.tree_before)
         try:
             for c in sorted(direct.values(), key=lambda c: c.size):
@@ -256,15 +276,16 @@ class PrerequisiteFinder:
                     chosen = [c]
                     break
             if chosen is None and direct:
-                chosen, why = self._grow(wi, site, dict(direct), needs, in_series)
+                chosen, why = self._grow(wi, site, dict(direct), in_series)
             if chosen is None:
                 # Every commit touching the rejected files since the fork, in order.
                 paths = sorted({fd.old_path for fd, _ in site.rejected if fd.old_path})
                 history = self._admit(self._file_history(site.search_base, paths) if paths else [], set(), in_series)
                 space = {c.sha: c for c in history}
                 if space and set(space) != set(direct):
-                    chosen, why = self._grow(wi, site, space, needs, in_series)
-                    listed = direct or {c.sha: c for c in history}
+                    chosen, why = self._grow(wi, site, space, in_series)
+            if chosen:
+                needs = self._chain(wi, site, chosen)
         except _OutOfTime:
             chosen, why = None, f"the search ran out of its {self.budget_s:g} s budget after {self.trials} trials"
         finally:
@@ -273,20 +294,16 @@ class PrerequisiteFinder:
         if in_series:
             why += "; the rejected lines come from patch(es) " + ", ".join(f"#{i}" for i in in_series) + \
                    " of this series"
-        return Finding(self._report(site, chosen, listed, needs, why), in_series, self.trials,
+        return Finding(self._report(site, chosen, direct, needs, why), in_series, self.trials,
                        round(time.monotonic() - t0, 3))
 
     def _report(self, site: ConflictSite, chosen: list[_Commit] | None, direct: dict[str, _Commit],
-                needs: dict[str, str], why: str) -> list[Prerequisite]:
-        def entry(c: _Commit, verified: bool, why: str, in_set: set[str]) -> Prerequisite:
+                needs: dict[str, list[str]], why: str) -> list[Prerequisite]:
+        def entry(c: _Commit, verified: bool, why: str) -> Prerequisite:
             return Prerequisite(commit=c.sha, subject=c.subject, size=c.size, files=c.files, verified=verified,
                                 why=why, for_patches=[site.patch.index], rank=0 if verified else 1,
-                                needs=[d for d, for_ in needs.items() if for_ == c.sha and d in in_set])
-        out = []
+                                needs=needs.get(c.sha, []))
         in_set = {c.sha for c in chosen or []}
-        for c in chosen or []:
-            out.append(entry(c, True, "", in_set))
         others = [c for c in sorted(direct.values(), key=lambda c: (c.date, c.sha)) if c.sha not in in_set]
-        other_why = "changed the rejected lines; not needed once the set above is applied" if chosen else why
-        out += [entry(c, False, other_why, set()) for c in others[:MAX_LISTED]]
-        return out
+        other_why = "not needed once the verified set is applied" if chosen else why
+        return [entry(c, True, "") for c in chosen or []] + [entry(c, False, other_why) for c in others[:MAX_LISTED]]

@@ -100,9 +100,12 @@ def prereq_chain(path: Path) -> Repo:
 
     master: v1.0 - U0 (fn7's signature) - N1 (x86) - C1 (fn11) - C2 (fn11 again, fn9) -
             C3 (fn9 again, fn7) - N2 (fn1) - D1 (fn13) - Q (x86 fn12) - P (fn7 again) -
-            P_bad (fn13 again) - DEP (smm fn4) - FIX (smm fn4 again, fn6)
+            P_bad (fn13 again) - DEP (smm fn4) - FIX (smm fn4 again, fn6) - SHIFT (20 lines
+            at the top of the mmu file)
+    posted-w: C3 - W (fn9 again), a posted patch never merged
     P's rejected line was last changed by C3 alone; C3 does not apply without C2, nor C2
-    without C1, so only the transitive search finds [C1, C2, C3].
+    without C1, so only the transitive search finds [C1, C2, C3]. W's line numbers point
+    20 lines off on master (SHIFT): `git log -L` there finds nothing, the file's history does.
     linux-1.0.y from v1.0: U0 backported (adjusted, "[ Upstream commit ]"); a stable-only
     fn13 change that D1 and P_bad conflict with; DEP backported by AUTOSEL with
     "Stable-dep-of: <FIX>" (FIX itself is not on the branch: its backport was dropped).
@@ -136,6 +139,12 @@ def prereq_chain(path: Path) -> Repo:
     r.edit(SMM, _ret(4), "\treturn kvm->arch.v4 + 2; /* FIX */")
     r.edit(SMM, _ret(6), "\treturn kvm->arch.v6 + 2; /* FIX */")
     r.commit("FIX", "KVM: x86: fix fn4 and fn6", 13)
+    r.edit(MMU, 4, insert=[f"/* SHIFT {i} */" for i in range(20)])
+    r.commit("SHIFT", "KVM: x86/mmu: a long comment at the top", 14)
+    # W, posted on a topic branch off C3 and never merged: its line numbers are C3's.
+    r.git("checkout", "-q", "-b", "posted-w", r.shas["C3"])
+    r.edit(MMU, _ret(9), "\treturn kvm->arch.v9 + 5; /* W */")
+    r.commit("W", "KVM: x86/mmu: W builds on C3's fn9", 15)
 
     r.git("checkout", "-q", "linux-1.0.y")
     r.edit(MMU, 5 + 5 * 7, "static int mmu_fn7(struct kvm *kvm) /* U0 */")

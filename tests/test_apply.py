@@ -146,6 +146,9 @@ def test_users_repo_untouched(hist, tmp_path):
 
 # -- verdicts that need real history (tests/histories.py); every verified claim is replayed --
 
+from dataclasses import replace  # noqa: E402
+
+from kpatchtest.patchset import Series  # noqa: E402
 from kpatchtest.results import ApplyResult  # noqa: E402
 from tests import histories  # noqa: E402
 from tests.replay import am3, check_claims  # noqa: E402
@@ -231,6 +234,19 @@ def test_prerequisite_chain_found_transitively(chain, tmp_path):
     # and none of the three alone, nor the direct candidate's pair, is enough
     assert not am3(chain.path, "linux-1.0.y", series, res, 2, [c3])
     assert not am3(chain.path, "linux-1.0.y", series, res, 2, [c2, c3])
+
+
+def test_prerequisites_from_the_files_history_when_the_lines_point_elsewhere(chain, tmp_path):
+    """W was posted against C3 without a base-commit, and master moved its lines (SHIFT):
+    no commit changed the lines W names there, so the file's commits since the fork are
+    tried in order (D1 and P_bad do not apply on the branch and stay out) and pared."""
+    w = replace(chain.patch_of(chain.shas["W"], 1, upstream=False), msgid="<w-v1@example.org>")
+    series = Series(title="W", sources=("mbox",), patches=(w,))
+    res = apply_on(chain, series, "linux-1.0.y", tmp_path)
+    assert res.patches[0].status == "conflict"
+    c1, c2, c3 = (chain.shas[k] for k in ("C1", "C2", "C3"))
+    assert [(q.commit, q.needs) for q in res.patches[0].prerequisites if q.verified] == [
+        (c1, []), (c2, [c1]), (c3, [c2])]
 
 
 def test_prerequisite_no_set_helps_is_unverified_with_why(chain, tmp_path):
