@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kpatchtest import rawtext
 from kpatchtest.errors import GitError
+from kpatchtest.urls import GIT_PROTOCOL_ENV
 
 # Reproducible, identity-free commits for imports and synthetic trees.
 _IDENT = {
@@ -48,6 +49,7 @@ class Git:
         if self.index_file:
             env["GIT_INDEX_FILE"] = str(self.index_file)
         env["LC_ALL"] = "C"
+        env.update(GIT_PROTOCOL_ENV)        # no transport outside the allow-list, not even by a redirect
         if extra:
             env.update(extra)
         return env

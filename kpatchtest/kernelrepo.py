@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from kpatchtest.errors import InputError
 from kpatchtest.gitutil import Git
 from kpatchtest.locks import exclusive as locked
 from kpatchtest.spec import BranchSpec
+from kpatchtest.urls import is_url, ref_problem, repo_problem
 
 REMOTES = "refs/kpatchtest/remotes"
 IMPORTS = "refs/kpatchtest/imports"
@@ -32,10 +33,6 @@ def default_cache_dir() -> Path:
         return Path(os.path.abspath(os.path.expanduser(env)))
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(os.path.abspath(xdg)) / "kpatchtest"
-
-
-def _is_url(repo: str) -> bool:
-    return "://" in repo or re.match(r"^[\w.-]+@[\w.-]+:", repo) is not None
 
 
 @dataclass
@@ -57,7 +54,12 @@ class KernelCache:
 
     def preflight(self, branches: list[BranchSpec]) -> None:
         """Cheap local checks, before anything slow or networked runs."""
-        if self.repo and not _is_url(self.repo) and not Path(self.repo).exists():
+        if self.repo and (why := repo_problem(self.repo)):     # the spec refuses it too; this is for other callers
+            raise InputError(f"kernel.repo {self.repo!r}: {why}")
+        for b in branches:
+            if not b.tarball and (why := ref_problem(b.git_ref)):
+                raise InputError(f"branch {b.git_ref!r}: {why}")
+        if self.repo and not is_url(self.repo) and not Path(self.repo).exists():
             raise InputError(f"kernel.repo {self.repo}: no such directory",
                              hint="give a path to a kernel git repository, a URL, or a source tarball")
         for b in branches:
@@ -70,7 +72,7 @@ class KernelCache:
             if not (self.path / "HEAD").exists():
                 Git(self.path.parent).run("init", "-q", "--bare", str(self.path))
                 self.git.run("config", "gc.auto", "0")
-            if self.repo and not _is_url(self.repo) and not _is_tarball(self.repo):
+            if self.repo and not is_url(self.repo) and not _is_tarball(self.repo):
                 self._borrow(Path(self.repo))
         return self.git
 
@@ -105,7 +107,7 @@ class KernelCache:
                 raise InputError(f"branch {ref!r} not found in the imported tarball {self.repo}",
                                  hint="name the branch by the tarball's kernel version")
             return sha
-        if not _is_url(self.repo):
+        if not is_url(self.repo):
             p = Git(Path(self.repo)).run("rev-parse", "--verify", "--quiet", "--end-of-options",
                                          ref + "^{commit}", check=False)
             if p.returncode != 0:
@@ -116,12 +118,13 @@ class KernelCache:
             return sha
         local = f"{REMOTES}/{slug(ref)}"
         if not offline:
-            p = self.git.run("fetch", "--no-tags", "--quiet", self.repo, f"+{ref}:{local}", check=False)
+            p = self.git.run("fetch", "--no-tags", "--quiet", "--", self.repo, f"+{ref}:{local}",
+                             check=False)
             if p.returncode != 0:
                 last = (p.stderr.strip().splitlines() or ["git fetch failed"])[-1]
                 if "couldn't find remote ref" in p.stderr:
                     raise InputError(f"branch {ref!r} not found in {self.repo}",
-                                     hint="check the name with: git ls-remote --heads " + self.repo)
+                                     hint="check the name with: git ls-remote --heads -- " + shlex.quote(self.repo))
                 raise InputError(f"cannot fetch {ref!r} from {self.repo}: {last}",
                                  hint="check the URL and network, or use --offline with a filled cache")
         sha = self.git.rev_parse(local)

@@ -11,13 +11,14 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      field_validator, model_validator)
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError
 
 from kpatchtest.errors import InputError
 from kpatchtest.sources import CommitsSource, MboxSource, MsgidSource, Source
+from kpatchtest.urls import check_ref, check_repo, is_url
 
 ApplyLevel = Literal["clean", "three-way", "partial", "any"]
 
@@ -30,6 +31,11 @@ GATE_ACCEPTS: dict[str, set[str]] = {
 }
 
 
+# Strings that reach git: no option injection, only allowed transports (see urls).
+GitRef = Annotated[str, AfterValidator(check_ref)]
+GitRepo = Annotated[str, AfterValidator(check_repo)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -37,8 +43,8 @@ class _Strict(BaseModel):
 class BranchSpec(_Strict):
     """A branch to test: a ref of kernel.repo, or a source tarball imported as a branch."""
 
-    name: str = Field(min_length=1)
-    ref: str | None = None          # default: name
+    name: GitRef = Field(min_length=1)
+    ref: GitRef | None = None       # default: name
     tarball: str | None = None      # e.g. /usr/src/linux-source-6.1.tar.xz
 
     @model_validator(mode="before")
@@ -58,8 +64,8 @@ class BranchSpec(_Strict):
 
 
 class KernelSpec(_Strict):
-    repo: str | None = None         # URL, local path, or a source tarball
-    upstream: str | None = None     # the ref the series was written against
+    repo: GitRepo | None = None     # URL, local path, or a source tarball
+    upstream: GitRef | None = None  # the ref the series was written against
     branches: list[BranchSpec] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -123,8 +129,8 @@ _TEST_NAME = r"^[A-Za-z0-9_.+-]+$"
 class KutSpec(_Strict):
     """kvm-unit-tests: built once per (source, ref, arch) on this machine, run on the lab host."""
 
-    source: str = KUT_UPSTREAM      # a git URL or a local checkout
-    ref: str | None = None          # a git URL: default its HEAD; a local checkout: its working tree
+    source: GitRepo = KUT_UPSTREAM  # a git URL or a local checkout
+    ref: GitRef | None = None       # a git URL: default its HEAD; a local checkout: its working tree
     tests: list[Annotated[str, Field(pattern=_TEST_NAME)]] = Field(default_factory=list)
     groups: list[Annotated[str, Field(pattern=_TEST_NAME)]] = Field(default_factory=list)
     env: dict[Annotated[str, Field(pattern=_ENV_NAME)], str] = Field(default_factory=dict)  # ACCEL, QEMU, TIMEOUT, MACHINE
@@ -185,6 +191,13 @@ class GatesSpec(_Strict):
 _SOURCE_KEYS = ("msgid", "mbox", "commits")
 
 
+def _git_safe_commits(s: CommitsSource) -> CommitsSource:
+    """The range and repo of a commits: entry reach git: the same checks as kernel.*."""
+    check_ref(s.commits.strip())
+    check_repo(s.repo)
+    return s
+
+
 def _source_kind(v: Any) -> str | None:
     if isinstance(v, dict):
         return next((k for k in _SOURCE_KEYS if k in v), None)
@@ -195,7 +208,7 @@ def _source_kind(v: Any) -> str | None:
 
 SourceItem = Annotated[
     Annotated[MsgidSource, Tag("msgid")] | Annotated[MboxSource, Tag("mbox")]
-    | Annotated[CommitsSource, Tag("commits")],
+    | Annotated[CommitsSource, AfterValidator(_git_safe_commits), Tag("commits")],
     Discriminator(_source_kind, custom_error_type="source_kind",
                   custom_error_message="expected a mapping with one of msgid:, mbox:, commits:"),
 ]
@@ -340,7 +353,7 @@ def _plain(node: Any) -> Any:
 
 
 def _is_local(p: str) -> bool:
-    return "://" not in p and not p.startswith("git@")
+    return not is_url(p)
 
 
 def _abs(p: str, base: Path) -> str:

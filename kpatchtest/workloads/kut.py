@@ -61,6 +61,7 @@ from kpatchtest.errors import KpatchtestError
 from kpatchtest.lab.ssh import HostConnection, LabError, RunResult
 from kpatchtest.workloads.dmesgwatch import DmesgWatch
 from kpatchtest.locks import exclusive
+from kpatchtest.urls import GIT_PROTOCOL_ENV, is_url, ref_problem, repo_problem
 from kpatchtest.workloads.record import Metric, WorkloadRecord, WorkloadStatus
 
 GROUP = "kvm-unit-tests"
@@ -695,8 +696,8 @@ def run_kut(conn: HostConnection, remote_dir: str, tests: list[str], groups: lis
 
 SOURCE_MARKER = ".kpatchtest-source.json"      # in a tree kut_source exported: {source, ref, commit}
 FETCH_TIMEOUT_S = 900
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|[A-Za-z0-9_.-]+@[A-Za-z0-9_.-]+:")   # scheme:// or scp-like
-_GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_SSH_COMMAND": "ssh -o BatchMode=yes", "LC_ALL": "C"}
+_GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_SSH_COMMAND": "ssh -o BatchMode=yes", "LC_ALL": "C",
+            **GIT_PROTOCOL_ENV}
 
 
 def _git_cmd(args: Sequence[str], *, timeout: float = 120, binary: bool = False) -> subprocess.CompletedProcess:
@@ -790,9 +791,13 @@ def kut_source(source: str | Path, ref: str | None, cache_dir: Path, offline: bo
     say = log or (lambda m: None)
     cache_dir = Path(cache_dir)
     text = str(source)
-    if ref is not None and (not ref.strip() or ref.startswith("-") or any(c.isspace() for c in ref)):
-        raise KutError(f"bad kvm-unit-tests ref {ref!r}")
-    local = None if _URL.match(text) else Path(text).expanduser()
+    if ref is not None:
+        why = ref_problem(ref) or ("must not contain spaces" if any(c.isspace() for c in ref) else None)
+        if why:
+            raise KutError(f"bad kvm-unit-tests ref {ref!r}: {why}")
+    if why := repo_problem(text):
+        raise KutError(f"bad kvm-unit-tests source {text!r}: {why}")
+    local = None if is_url(text) else Path(text).expanduser()
     if local is not None:
         if not local.exists():
             raise KutError(f"kvm-unit-tests source {text} does not exist",

@@ -1,0 +1,131 @@
+"""Hostile specs: a spec, a branch name or a URL from someone else runs no command.
+Real git, real CLI, no mocks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kpatchtest.cli import main
+from kpatchtest.errors import EXIT_INPUT, InputError
+from kpatchtest.spec import parse_spec
+from kpatchtest.workloads.kut import KutError, kut_source
+from tests.kernelhist import build
+
+@pytest.fixture(scope="module")
+def hist(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("hostile") / "linux")
+
+
+def write_spec(tmp_path: Path, hist, *, repo, branches=("linux-1.0.y",), upstream=None, commits=None) -> Path:
+    """A spec with the given kernel keys; strings as JSON, so any of them is valid YAML."""
+    kernel = {"repo": repo, "branches": list(branches), **({"upstream": upstream} if upstream else {})}
+    doc = {"name": "t", "series": [{"commits": commits or hist.shas["P_clean"], "repo": str(hist.path)}],
+           "kernel": kernel}
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(json.dumps(doc, indent=1))
+    return spec
+
+
+def run_cli(tmp_path: Path, spec: Path, *extra: str) -> int:
+    return main(["run", str(spec), "--stages", "fetch,apply", "--out", str(tmp_path / "out"),
+                 "--cache-dir", str(tmp_path / "cache"), *extra])
+
+
+def one_line(text: str) -> str:
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+HOSTILE = {   # id: (kernel keys, given the marker path and the good repo; the key the error names)
+    "upload-pack-repo": (lambda m, r: dict(repo=f"--upload-pack=touch {m}; false ://x", branches=["linux-1.0.y/x"]),
+                         "kernel.repo: must not start with '-'"),
+    "ext-repo": (lambda m, r: dict(repo=f"ext::sh -c touch% {m}"), "kernel.repo: git remote helpers (ext::) are not allowed"),
+    "ssh-proxycommand": (lambda m, r: dict(repo=f"ssh://-oProxyCommand=touch% {m}/linux"),
+                         "kernel.repo: the host of a URL must not start with '-'"),
+    "scheme-not-allowed": (lambda m, r: dict(repo="fd::3"), "kernel.repo: git remote helpers (fd::)"),
+    "output-branch": (lambda m, r: dict(repo=r, branches=[f"--output={m}"]), "kernel.branches[0].name: must not start"),
+    "output-ref": (lambda m, r: dict(repo=r, branches=[{"name": "b", "ref": f"--output={m}"}]),
+                   "kernel.branches[0].ref: must not start"),
+    "output-upstream": (lambda m, r: dict(repo=r, upstream=f"--output={m}"), "kernel.upstream: must not start"),
+    "output-commits": (lambda m, r: dict(repo=r, commits=f"--output={m}"), "series[0]: must not start"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE), ids=list(HOSTILE))
+def test_hostile_spec_strings_are_refused_before_anything_runs(tmp_path, hist, capsys, case):
+    keys, expected = HOSTILE[case]
+    marker = tmp_path / "PWNED"
+    spec = write_spec(tmp_path, hist, **keys(marker, str(hist.path)))
+    assert run_cli(tmp_path, spec) == EXIT_INPUT
+    assert not marker.exists()
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"kpatchtest: error: {spec}:") and expected in line, line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.fixture
+def ext_rewriting_gitconfig(tmp_path, monkeypatch) -> Path:
+    """A user git config that rewrites an allowed https:// URL to ext:: and allows ext:
+    only kpatchtest's own allow-list stands between the spec and the command."""
+    marker = tmp_path / "PWNED"
+    cfg = tmp_path / "gitconfig"
+    cfg.write_text(f'[protocol "ext"]\n\tallow = always\n'
+                   f'[url "ext::sh -c touch% {marker} #"]\n\tinsteadOf = https://evil.example/\n')
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(cfg))
+    return marker
+
+
+def test_url_rewritten_to_ext_reaches_no_transport(tmp_path, hist, capsys, ext_rewriting_gitconfig):
+    marker = ext_rewriting_gitconfig
+    probe = subprocess.run(["git", "ls-remote", "https://evil.example/x"], capture_output=True, cwd=tmp_path)
+    assert marker.exists(), probe.stderr    # the config is as dangerous as it looks
+    marker.unlink()
+    spec = write_spec(tmp_path, hist, repo="https://evil.example/linux.git")
+    assert run_cli(tmp_path, spec, "-q") == EXIT_INPUT
+    line = one_line(capsys.readouterr().err)
+    assert "branch linux-1.0.y: cannot fetch" in line and "transport 'ext' not allowed" in line, line
+    assert not marker.exists()
+
+
+def test_kut_source_url_rewritten_to_ext_reaches_no_transport(tmp_path, ext_rewriting_gitconfig):
+    with pytest.raises(KutError, match="transport 'ext' not allowed"):
+        kut_source("https://evil.example/kvm-unit-tests.git", None, tmp_path / "cache")
+    assert not ext_rewriting_gitconfig.exists()
+
+
+@pytest.mark.parametrize("source, ref, expected", [
+    ("ext::sh -c touch% PWNED", None, "git remote helpers (ext::)"),
+    ("--upload-pack=touch PWNED", None, "must not start with '-'"),
+    ("https://gitlab.com/kvm-unit-tests/kvm-unit-tests.git", "--output=PWNED", "must not start with '-'"),
+])
+def test_kut_spec_keys_are_checked(tmp_path, source, ref, expected):
+    text = ("name: t\nseries: [{msgid: a@b}]\nkernel: {repo: /x, branches: [b]}\n"
+            f"workloads:\n  kvm_unit_tests:\n    source: {json.dumps(source)}\n"
+            + (f"    ref: {json.dumps(ref)}\n" if ref else ""))
+    with pytest.raises(InputError) as e:
+        parse_spec(text, tmp_path / "s.yaml")
+    key = "workloads.kvm_unit_tests.ref" if ref else "workloads.kvm_unit_tests.source"
+    assert f"s.yaml:{7 if ref else 6}: {key}: " in str(e.value) and expected in str(e.value)
+    with pytest.raises(KutError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        kut_source(source, ref, tmp_path / "cache")     # the same check for callers without a spec
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("repo, local", [
+    ("https://git.kernel.org/pub/scm/linux/kernel/git/stable/linux.git", False),
+    ("git://git.kernel.org/linux.git", False),
+    ("ssh://git@example.org:2222/linux.git", False),
+    ("git@github.com:torvalds/linux.git", False),
+    ("example.org:linux.git", False),
+    ("file:///srv/linux.git", False),
+    ("../linux", True),
+])
+def test_ordinary_repos_are_accepted(tmp_path, repo, local):
+    text = f"name: t\nseries: [{{msgid: a@b}}]\nkernel: {{repo: {json.dumps(repo)}, branches: [linux-6.1.y]}}\n"
+    got = parse_spec(text, tmp_path / "s.yaml").spec.kernel.repo
+    assert got == (str((tmp_path / repo).resolve()) if local else repo)
