@@ -14,7 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
                       field_validator, model_validator)
 from ruamel.yaml import YAML
-from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent, ScalarEvent
 
 from kpatchtest.errors import InputError
 from kpatchtest.sources import CommitsSource, MboxSource, MsgidSource, Source
@@ -313,14 +314,55 @@ def _allowed_keys(loc: tuple) -> list[str] | None:
     return sorted(getattr(model, "model_fields", {}).keys()) if model else None
 
 
+# A real spec has a few hundred nodes, nested five or six deep.
+MAX_YAML_NODES = 10_000     # counted with every alias expanded
+MAX_YAML_DEPTH = 64
+
+
+def _check_shape(yaml: YAML, text: str, path: Path) -> None:
+    """Refuse alias bombs, self-referring aliases and deep nesting from the event stream,
+    before any node is built: composing them is what takes gigabytes, or the recursion
+    limit (a RecursionError traceback)."""
+    sizes: dict[str, int] = {}              # anchor -> nodes it expands to
+    open_: list[tuple[str | None, int]] = []    # open collections: (anchor, nodes before it)
+    nodes = 0
+    for ev in yaml.parse(io.StringIO(text)):
+        line = f"{path}:{ev.start_mark.line + 1}"
+        if isinstance(ev, CollectionStartEvent):
+            open_.append((ev.anchor, nodes))
+            nodes += 1
+            if len(open_) > MAX_YAML_DEPTH:
+                raise InputError(f"{line}: YAML nested deeper than {MAX_YAML_DEPTH} levels",
+                                 hint="a spec needs a handful")
+        elif isinstance(ev, CollectionEndEvent):
+            anchor, before = open_.pop()
+            if anchor:
+                sizes[anchor] = nodes - before
+        elif isinstance(ev, ScalarEvent):
+            nodes += 1
+            if ev.anchor:
+                sizes[ev.anchor] = 1
+        elif isinstance(ev, AliasEvent):
+            if any(a == ev.anchor for a, _ in open_):
+                raise InputError(f"{line}: YAML alias *{ev.anchor} refers to a node that contains it",
+                                 hint="a spec cannot be infinitely deep")
+            nodes += sizes.get(ev.anchor, 0)    # an undefined alias: the loader says so
+        if nodes > MAX_YAML_NODES:
+            raise InputError(f"{line}: YAML expands to more than {MAX_YAML_NODES} nodes (an alias bomb?)",
+                             hint="write the spec without nested aliases")
+
+
 def parse_spec(text: str, path: Path) -> LoadedSpec:
     yaml = YAML(typ="rt")
     try:
+        _check_shape(yaml, text, path)
         doc = yaml.load(io.StringIO(text))
     except MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise InputError(f"{where}: malformed YAML: {e.problem}", hint="fix the syntax") from None
+    except YAMLError as e:          # the reader's: a control character, bad encoding
+        raise InputError(f"{path}: malformed YAML: {str(e).splitlines()[0]}", hint="fix the syntax") from None
     if not isinstance(doc, dict):
         raise InputError(f"{path}:1: expected a mapping at the top level; found {type(doc).__name__}",
                          hint="see series/demo.yaml for the format")

@@ -1,19 +1,24 @@
-"""Hostile specs: a spec, a branch name or a URL from someone else runs no command.
-Real git, real CLI, no mocks."""
+"""Hostile specs: a spec, a branch name or a URL from someone else runs no command, and a
+YAML bomb ends in one line, not gigabytes or a traceback. Real git, real CLI, no mocks."""
 
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from kpatchtest.cli import main
 from kpatchtest.errors import EXIT_INPUT, InputError
-from kpatchtest.spec import parse_spec
+from kpatchtest.spec import MAX_YAML_DEPTH, parse_spec
 from kpatchtest.workloads.kut import KutError, kut_source
 from tests.kernelhist import build
+
+ROOT = Path(__file__).resolve().parent.parent
+
 
 @pytest.fixture(scope="module")
 def hist(tmp_path_factory):
@@ -129,3 +134,48 @@ def test_ordinary_repos_are_accepted(tmp_path, repo, local):
     text = f"name: t\nseries: [{{msgid: a@b}}]\nkernel: {{repo: {json.dumps(repo)}, branches: [linux-6.1.y]}}\n"
     got = parse_spec(text, tmp_path / "s.yaml").spec.kernel.repo
     assert got == (str((tmp_path / repo).resolve()) if local else repo)
+
+
+# -- YAML bombs ---------------------------------------------------------------------------
+
+def _limits() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+
+def validate(tmp_path: Path, text: str) -> subprocess.CompletedProcess:
+    """`kpatchtest validate` in its own process: 1 GiB of address space, 20 s."""
+    spec = tmp_path / "bomb.yaml"
+    spec.write_text(text)
+    return subprocess.run([sys.executable, "-m", "kpatchtest", "validate", str(spec)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=20, preexec_fn=_limits)
+
+
+LAUGHS = "name: t\nl0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 9))
+
+
+@pytest.mark.parametrize("text, expected", [
+    (LAUGHS, "bomb.yaml:6: YAML expands to more than 10000 nodes"),
+    ("name: t\na: &a [x, *a]\n", "bomb.yaml:2: YAML alias *a refers to a node that contains it"),
+    ("name: t\na: " + "[" * 5000 + "]" * 5000 + "\n", f"bomb.yaml:2: YAML nested deeper than {MAX_YAML_DEPTH} levels"),
+    ("name: t\na: " + "{a: " * 5000 + "x" + "}" * 5000 + "\n", "YAML nested deeper than"),
+    ("name: t\na: " + "".join(f"\n{' ' * i}a:" for i in range(1, 3000)) + " x\n", "YAML nested deeper than"),
+], ids=["billion-laughs", "self-alias", "deep-flow-seq", "deep-flow-map", "deep-block-map"])
+def test_yaml_bombs_are_one_line_within_limits(tmp_path, text, expected):
+    assert len(LAUGHS) < 700
+    p = validate(tmp_path, text)
+    assert p.returncode == EXIT_INPUT, p.stderr[-2000:]
+    line = one_line(p.stderr)
+    assert line.startswith("kpatchtest: error: ") and expected in line, line
+
+
+def test_ordinary_aliases_still_work(tmp_path):
+    text = ("name: t\nseries: [{msgid: a@b}]\n"
+            "kernel: {repo: /x, branches: [&one linux-6.1.y, {name: again, ref: *one}]}\n")
+    spec = parse_spec(text, tmp_path / "s.yaml").spec
+    assert [b.git_ref for b in spec.kernel.branches] == ["linux-6.1.y", "linux-6.1.y"]
+
+
+def test_control_characters_are_one_line(tmp_path):
+    p = validate(tmp_path, "name: t\x00\n")
+    assert p.returncode == EXIT_INPUT and "malformed YAML" in one_line(p.stderr), p.stderr
