@@ -431,8 +431,8 @@ class _Stream:
             self.members += 1
             self.newest = max(self.newest, int(m.mtime or 0))
             path = _norm(m.name)
-            if not path:
-                continue
+            if not path or ".git" in path.lower().split("/"):
+                continue    # a tarred checkout's .git is not source (and git refuses to check it out)
             if m.isdir():
                 self.dirs.add(path)
                 continue

@@ -15,7 +15,9 @@ from kpatchtest.cli import main
 from kpatchtest.errors import EXIT_INPUT, InputError
 from kpatchtest.spec import MAX_YAML_DEPTH, parse_spec
 from kpatchtest.workloads.kut import KutError, kut_source
+from kpatchtest.tarball import import_tarball
 from tests.kernelhist import build
+from tests.test_tarball import bare, kernel_members, ls_tree, write_tar
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -134,6 +136,19 @@ def test_ordinary_repos_are_accepted(tmp_path, repo, local):
     text = f"name: t\nseries: [{{msgid: a@b}}]\nkernel: {{repo: {json.dumps(repo)}, branches: [linux-6.1.y]}}\n"
     got = parse_spec(text, tmp_path / "s.yaml").spec.kernel.repo
     assert got == (str((tmp_path / repo).resolve()) if local else repo)
+
+
+def test_tarred_checkout_imports_without_its_git_dir(tmp_path):
+    """A .git in the tree would make git refuse the build stage's checkout (exit 3, far from
+    the cause); it is not source, so the import leaves it out."""
+    hook = b"#!/bin/sh\ntouch PWNED\n"
+    members = kernel_members() + [("linux-source-6.1/.git/hooks/post-checkout", "file", hook, 0o755),
+                                  ("linux-source-6.1/sub/.GIT/config", "file", b"[core]\n", 0o644)]
+    git = bare(tmp_path / "cache.git")
+    commit = import_tarball(git, write_tar(tmp_path / "linux.tar.xz", members)).commit
+    assert not [p for p in ls_tree(git, commit) if ".git/" in p.lower()]
+    git.run("worktree", "add", "-q", "--detach", str(tmp_path / "wt"), commit)
+    assert (tmp_path / "wt" / "Makefile").is_file()
 
 
 # -- YAML bombs ---------------------------------------------------------------------------
