@@ -102,13 +102,16 @@ class ApplySpec(_Strict):
     prerequisite_budget_s: float = Field(default=30, ge=0)  # per conflicting patch
 
 
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"        # also make's: a key `--eval=...` would be an option
+
+
 class BuildSpec(_Strict):
     """Which branches to build and how."""
 
     when: ApplyLevel = "partial"    # build branches whose apply verdict passes this level
     per_patch: bool = False         # also build after each patch: the first patch that breaks the build
     jobs: int | None = Field(default=None, ge=1)    # default: CPU count
-    make_vars: dict[str, str] = Field(default_factory=dict)
+    make_vars: dict[Annotated[str, Field(pattern=_ENV_NAME)], str] = Field(default_factory=dict)
 
 
 class LabRef(_Strict):
@@ -123,8 +126,7 @@ class LabRef(_Strict):
 
 
 KUT_UPSTREAM = "https://gitlab.com/kvm-unit-tests/kvm-unit-tests.git"
-_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
-_TEST_NAME = r"^[A-Za-z0-9_.+-]+$"
+_TEST_NAME = r"^[A-Za-z0-9_.+][A-Za-z0-9_.+-]*$"     # never an option of run_tests.sh
 
 
 class KutSpec(_Strict):

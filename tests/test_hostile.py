@@ -4,6 +4,7 @@ YAML bomb ends in one line, not gigabytes or a traceback. Real git, real CLI, no
 from __future__ import annotations
 
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -118,9 +119,19 @@ def test_kut_spec_keys_are_checked(tmp_path, source, ref, expected):
         parse_spec(text, tmp_path / "s.yaml")
     key = "workloads.kvm_unit_tests.ref" if ref else "workloads.kvm_unit_tests.source"
     assert f"s.yaml:{7 if ref else 6}: {key}: " in str(e.value) and expected in str(e.value)
-    with pytest.raises(KutError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(KutError, match=re.escape(expected)):
         kut_source(source, ref, tmp_path / "cache")     # the same check for callers without a spec
     assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ("build:\n  make_vars: {'--eval=$(shell touch PWNED)': ''}\n", "s.yaml:5: build.make_vars: string should match"),
+    ("workloads:\n  kvm_unit_tests: {tests: [-v]}\n", "s.yaml:5: workloads.kvm_unit_tests.tests[0]: string should match"),
+    ("workloads:\n  kvm_unit_tests: {groups: [-j99]}\n", "s.yaml:5: workloads.kvm_unit_tests.groups[0]"),
+])
+def test_make_and_run_tests_sh_get_no_options_from_the_spec(tmp_path, extra, expected):
+    with pytest.raises(InputError, match=re.escape(expected)):
+        parse_spec("name: t\nseries: [{msgid: a@b}]\nkernel: {repo: /x, branches: [b]}\n" + extra, tmp_path / "s.yaml")
 
 
 @pytest.mark.parametrize("repo, local", [
