@@ -9,8 +9,9 @@ predecessors (the commits that changed the lines *it* needs), so chains are foun
 A set is verified only by doing what a maintainer would: on the tree the patch was
 tried on, apply each commit in upstream order the way `git am -3` does (plain, else a
 3-way merge with full-index blobs), then the patch the same way. Singles are tried
-first, then the whole candidate space pared greedily in upstream order, then every
-commit touching the rejected files. The chain (X needs Y) is measured on the verified
+first, then the whole candidate space (or, when the patch does not go in after all of
+it, its longest prefix the patch does go in after) pared greedily in upstream order,
+then every commit touching the rejected files. The chain (X needs Y) is measured on the verified
 set: X does not go in without Y. Everything runs under a per-patch time budget;
 whatever no trial confirmed is reported unverified, with why.
 """
@@ -236,6 +237,9 @@ class PrerequisiteFinder:
             if ok:
                 return self._pare(wi, site, seq), ""
             if stuck is None:
+                prefix = self._applying_prefix(wi, site, seq)
+                if prefix:
+                    return self._pare(wi, site, prefix), ""
                 break
             wi.reset(self._prefix_tree(site, seq, stuck))
             new = self._admit(self._predecessors(wi, stuck), set(space) | set(dropped), in_series)
@@ -248,6 +252,17 @@ class PrerequisiteFinder:
         if dropped:
             why += "; left out as not applying on the branch: " + ", ".join(d[:12] for d in dropped)
         return None, why
+
+    def _applying_prefix(self, wi: WorkIndex, site: ConflictSite, seq: list[_Commit]) -> list[_Commit] | None:
+        """Every commit went in but the patch did not: later ones may rewrite its lines (it
+        was written before them). The longest prefix it applies after; each prefix's tree
+        is already there, so this costs one patch apply per prefix."""
+        for n in range(len(seq) - 1, 0, -1):
+            self._tick()
+            wi.reset(self._prefix_tree(site, seq, seq[n]))
+            if self._am3(wi, site.patch.diff):
+                return seq[:n]
+        return None
 
     def _prefix_tree(self, site: ConflictSite, seq: list[_Commit], upto: _Commit) -> str:
         n = seq.index(upto)

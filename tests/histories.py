@@ -96,16 +96,19 @@ def posted(r: Repo) -> Series:
 
 
 def prereq_chain(path: Path) -> Repo:
-    """A patch whose prerequisite is a chain of three upstream commits, and one no set helps.
+    """A patch whose prerequisite is a chain of three upstream commits across files, and
+    one that no set helps.
 
-    master: v1.0 - U0 (fn7's signature) - N1 (x86) - C1 (fn11) - C2 (fn11 again, fn9) -
-            C3 (fn9 again, fn7) - N2 (fn1) - D1 (fn13) - Q (x86 fn12) - P (fn7 again) -
-            P_bad (fn13 again) - DEP (smm fn4) - FIX (smm fn4 again, fn6) - SHIFT (20 lines
-            at the top of the mmu file)
-    posted-w: C3 - W (fn9 again), a posted patch never merged
-    P's rejected line was last changed by C3 alone; C3 does not apply without C2, nor C2
-    without C1, so only the transitive search finds [C1, C2, C3]. W's line numbers point
-    20 lines off on master (SHIFT): `git log -L` there finds nothing, the file's history does.
+    master: v1.0 - U0 (mmu fn7's signature) - N1 (x86 fn3) - C1 (smm fn11) - C2 (smm fn11
+            again, x86 fn9) - C3 (x86 fn9 again, mmu fn7) - N2 (mmu fn1) - D1 (mmu fn13) -
+            Q (x86 fn12) - P (mmu fn7 again) - P_bad (mmu fn13 again) - DEP (smm fn4) -
+            FIX (smm fn4 again, fn6) - SHIFT (20 lines at the top of the mmu file)
+    posted-w: C3 - W (mmu fn7 again, as P did on master), posted and never merged
+    P's rejected line was last changed by C3 alone; C3 does not apply without C2 (x86),
+    nor C2 without C1 (smm): neither the lines' nor the mmu file's history has them, only
+    the transitive search finds [C1, C2, C3]. W's line numbers point 20 lines off on
+    master (SHIFT): `git log -L` there finds nothing, the file's history does, and only
+    its part before P (which rewrote W's line) lets W in.
     linux-1.0.y from v1.0: U0 backported (adjusted, "[ Upstream commit ]"); a stable-only
     fn13 change that D1 and P_bad conflict with; DEP backported by AUTOSEL with
     "Stable-dep-of: <FIX>" (FIX itself is not on the branch: its backport was dropped).
@@ -116,14 +119,14 @@ def prereq_chain(path: Path) -> Repo:
     r.commit("U0", "KVM: x86/mmu: annotate fn7", 2)
     r.edit(X86, _ret(3), "\treturn kvm->arch.v3 - 3; /* N1 */")
     r.commit("N1", "KVM: x86: noise", 3)
-    r.edit(MMU, _ret(11), "\treturn kvm->arch.v11 + 1; /* C1 */")
-    r.commit("C1", "KVM: x86/mmu: C1 fn11", 4)
-    r.edit(MMU, _ret(11), "\treturn kvm->arch.v11 + 2; /* C2 */")
-    r.edit(MMU, _ret(9), "\treturn kvm->arch.v9 + 2; /* C2 */")
-    r.commit("C2", "KVM: x86/mmu: C2 fn11 and fn9", 5)
-    r.edit(MMU, _ret(9), "\treturn kvm->arch.v9 + 3; /* C3 */")
+    r.edit(SMM, _ret(11), "\treturn kvm->arch.v11 + 1; /* C1 */")
+    r.commit("C1", "KVM: x86: C1 smm fn11", 4)
+    r.edit(SMM, _ret(11), "\treturn kvm->arch.v11 + 2; /* C2 */")
+    r.edit(X86, _ret(9), "\treturn kvm->arch.v9 + 2; /* C2 */")
+    r.commit("C2", "KVM: x86: C2 smm fn11 and x86 fn9", 5)
+    r.edit(X86, _ret(9), "\treturn kvm->arch.v9 + 3; /* C3 */")
     r.edit(MMU, _ret(7), "\treturn kvm->arch.v7 + 3; /* C3 */")
-    r.commit("C3", "KVM: x86/mmu: C3 fn9 and fn7", 6)
+    r.commit("C3", "KVM: x86/mmu: C3 x86 fn9 and mmu fn7", 6)
     r.edit(MMU, _ret(1), "\treturn kvm->arch.v1 - 1; /* N2 */")
     r.commit("N2", "KVM: x86/mmu: noise far away", 7)
     r.edit(MMU, _ret(13), "\treturn kvm->arch.v13 + 1; /* D1 */")
@@ -141,10 +144,9 @@ def prereq_chain(path: Path) -> Repo:
     r.commit("FIX", "KVM: x86: fix fn4 and fn6", 13)
     r.edit(MMU, 4, insert=[f"/* SHIFT {i} */" for i in range(20)])
     r.commit("SHIFT", "KVM: x86/mmu: a long comment at the top", 14)
-    # W, posted on a topic branch off C3 and never merged: its line numbers are C3's.
     r.git("checkout", "-q", "-b", "posted-w", r.shas["C3"])
-    r.edit(MMU, _ret(9), "\treturn kvm->arch.v9 + 5; /* W */")
-    r.commit("W", "KVM: x86/mmu: W builds on C3's fn9", 15)
+    r.edit(MMU, _ret(7), "\treturn kvm->arch.v7 + 5; /* W */")
+    r.commit("W", "KVM: x86/mmu: W rewrites C3's fn7, as P did on master", 15)
 
     r.git("checkout", "-q", "linux-1.0.y")
     r.edit(MMU, 5 + 5 * 7, "static int mmu_fn7(struct kvm *kvm) /* U0 */")

@@ -7,7 +7,7 @@ import pytest
 from kpatchtest.apply import ApplyContext, BranchTarget, apply_series, builds_on, verdict
 from kpatchtest.diffparse import parse_diff
 from kpatchtest.gitutil import Git
-from tests.kernelhist import GONE, MMU, NEW, OLD, build
+from tests.kernelhist import GONE, MMU, NEW, OLD, SMM, X86, build
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +230,7 @@ def test_prerequisite_chain_found_transitively(chain, tmp_path):
     assert [x.commit for x in verified] == [c1, c2, c3]
     assert [x.needs for x in verified] == [[], [c1], [c2]]
     assert sum(x.size for x in verified) == 2 + 4 + 4
+    assert {f for x in verified for f in x.files} == {MMU, X86, SMM}
     assert chain.shas["U0"] not in {x.commit for x in res.prerequisites}   # backported, adjusted
     # and none of the three alone, nor the direct candidate's pair, is enough
     assert not am3(chain.path, "linux-1.0.y", series, res, 2, [c3])
@@ -239,7 +240,8 @@ def test_prerequisite_chain_found_transitively(chain, tmp_path):
 def test_prerequisites_from_the_files_history_when_the_lines_point_elsewhere(chain, tmp_path):
     """W was posted against C3 without a base-commit, and master moved its lines (SHIFT):
     no commit changed the lines W names there, so the file's commits since the fork are
-    tried in order (D1 and P_bad do not apply on the branch and stay out) and pared."""
+    tried in order (D1 and P_bad do not apply on the branch and stay out; C3 brings in C2
+    and C1 from other files); P rewrote W's line, so the part before P is pared."""
     w = replace(chain.patch_of(chain.shas["W"], 1, upstream=False), msgid="<w-v1@example.org>")
     series = Series(title="W", sources=("mbox",), patches=(w,))
     res = apply_on(chain, series, "linux-1.0.y", tmp_path)
