@@ -166,7 +166,8 @@ def cmd_report(args) -> int:
     results = user_path(args.results)
     result = load(results)
     out = user_path(args.out) if args.out else results.parent
-    paths = write_all(result, out, run_dir=results.parent)   # log excerpts live beside results.json
+    # in place, results.json is the input: read only, never rewritten
+    paths = write_all(result, out, run_dir=results.parent, with_results=out != results.parent)   # log excerpts live beside results.json
     print("\n".join(str(p) for p in paths))
     return EXIT_OK
 

@@ -23,6 +23,7 @@ from kpatchtest.kernelrepo import KernelCache, ResolvedKernel
 from kpatchtest.patchset import Series
 from kpatchtest.progress import Progress
 from kpatchtest.report import write_all
+from kpatchtest.util import output_error, write_atomic
 from kpatchtest.results import SCHEMA_VERSION, ApplyResult, GateResult, RunResult, SeriesInfo, SeriesPatchInfo
 from kpatchtest.series import FetchOptions, fetch_series
 from kpatchtest.spec import GATE_ACCEPTS, LoadedSpec
@@ -87,6 +88,13 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+class _RunLog(logging.FileHandler):
+    """run.log is best effort: a full disk must not print logging's own tracebacks."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 class OutDir:
     """The run directory: one run at a time, with a state cache of finished steps."""
 
@@ -97,8 +105,11 @@ class OutDir:
         self._log_handler: logging.Handler | None = None
 
     def __enter__(self) -> "OutDir":
-        self.state.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.path / ".kpatchtest.lock", "a")
+        try:
+            self.state.mkdir(parents=True, exist_ok=True)
+            self._lock = open(self.path / ".kpatchtest.lock", "a")
+        except OSError as e:
+            raise (output_error(self.path, e) or e) from None
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -116,7 +127,7 @@ class OutDir:
     def capture_library_logs(self) -> None:
         """Send Python logging (paramiko's banner timeouts while a host boots, fabric,
         kpatchtest's own records) to run.log here instead of the terminal."""
-        handler = logging.FileHandler(self.path / "run.log", encoding="utf-8")
+        handler = _RunLog(self.path / "run.log", encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root = logging.getLogger()
         root.addHandler(handler)
@@ -135,10 +146,7 @@ class OutDir:
             return None
 
     def store(self, key: str, data: str) -> None:
-        p = self.state / f"{key}.json"
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(data)
-        os.replace(tmp, p)
+        write_atomic(self.state / f"{key}.json", data)
 
 
 def _apply_key(series: Series, target: BranchTarget, ctx: ApplyContext) -> str:
@@ -262,7 +270,6 @@ def run(loaded: LoadedSpec, opts: RunOptions, progress: Progress | None = None) 
 
     with OutDir(opts.out) as out:
         out.capture_library_logs()
-        (opts.out / "series.mbox").write_bytes(series.as_mbox())
         if "apply" in opts.stages:
             kernel = _apply_stage(loaded, opts, series, branches, result, out, progress)
             if recipe is not None:
@@ -278,13 +285,23 @@ def run(loaded: LoadedSpec, opts: RunOptions, progress: Progress | None = None) 
                                nested=workloads is not None)
         result.finished = _now()
         evaluate_gates(loaded, result)
-        reports = write_all(result, opts.out)
+        if _produced_nothing(result) and (opts.out / "results.json").exists():
+            # a run whose branches all failed on input (or --stages fetch) must not replace a good record
+            progress.log(f"no branch produced a result: kept the previous {opts.out / 'results.json'} and its reports")
+            reports = []
+        else:
+            # series.mbox goes with the record that refers to it, never ahead of it
+            reports = write_all(result, opts.out, extra={"series.mbox": series.as_mbox()})
     code = EXIT_OK
     if any(b.error for b in result.branches):
         code = EXIT_INPUT
     elif result.gates_failed():
         code = EXIT_GATE
     return Outcome(result=result, exit_code=code, reports=reports)
+
+
+def _produced_nothing(result: RunResult) -> bool:
+    return not any(b.apply or b.build or b.boot or b.workloads for b in result.branches)
 
 
 def _apply_stage(loaded: LoadedSpec, opts: RunOptions, series: Series, branches, result: RunResult,

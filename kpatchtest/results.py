@@ -15,12 +15,10 @@ docs/results-schema.md):
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kpatchtest.workloads.record import WorkloadRecord
 
@@ -230,12 +228,8 @@ class RunResult(_Model):
 
 def save(result: RunResult, path: Path) -> None:
     """Write atomically so a crash never leaves a half-written results.json."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results.", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        f.write(result.model_dump_json(indent=2))
-        f.write("\n")
-    os.replace(tmp, path)
+    from kpatchtest.util import write_atomic
+    write_atomic(path, result.model_dump_json(indent=2) + "\n")
 
 
 def load(path: Path) -> RunResult:
@@ -250,4 +244,12 @@ def load(path: Path) -> RunResult:
             f"{path}: results schema version {version!r}, this kpatchtest reads {READABLE_VERSIONS}",
             hint="re-run with a matching kpatchtest version",
         )
-    return RunResult.model_validate(data)
+    try:
+        return RunResult.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+        found = json.dumps(err.get("input"))[:80]
+        raise InputError(f"{path}: {where or 'top level'}: {err['msg'].lower()}; found {found}"
+                         + (f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""),
+                         hint="is it a results.json written by kpatchtest?") from None

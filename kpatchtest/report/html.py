@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from html import escape
-from pathlib import Path
 
 from kpatchtest.report.cells import (boot_notes, boot_rows, branch_verdict, build_notes, build_rows, cell, patch_cell,
                                      patch_prerequisites, patch_rows, prerequisite_notes)
@@ -104,7 +103,3 @@ def render(result: RunResult) -> str:
             h += hunks
     h.append(f"<p><small>kpatchtest {escape(result.tool_version)}, schema {result.schema_version}</small></p>")
     return "\n".join(h) + "\n"
-
-
-def write(result: RunResult, path: Path) -> None:
-    path.write_text(render(result))

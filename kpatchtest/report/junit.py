@@ -200,8 +200,3 @@ def render(result: RunResult, run_dir: Path | None = None) -> str:
                     ET.SubElement(holder, "property", {"name": name, "value": value})
                 case.insert(0, holder)
     return xml.dom.minidom.parseString(ET.tostring(root, encoding="utf-8")).toprettyxml(encoding="utf-8").decode()
-
-
-def write(result: RunResult, path: Path, run_dir: Path | None = None) -> None:
-    """run_dir: where the workload logs are (their paths are relative to it)."""
-    path.write_text(render(result, run_dir), encoding="utf-8")

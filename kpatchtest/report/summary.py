@@ -5,7 +5,6 @@ Plain ASCII, columns padded, so it reads the same in a mail client as rendered.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from kpatchtest.report.cells import (boot_notes, boot_rows, branch_verdict, build_notes, build_rows, cell, patch_cell,
                                      patch_prerequisites, patch_rows, prerequisite_notes)
@@ -68,7 +67,3 @@ def render(result: RunResult) -> str:
                                            for g in failed))]
     out += ["", f"-- kpatchtest {result.tool_version}, schema {result.schema_version}"]
     return "\n".join(out) + "\n"
-
-
-def write(result: RunResult, path: Path) -> None:
-    path.write_text(render(result))

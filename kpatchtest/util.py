@@ -1,0 +1,47 @@
+"""Small helpers more than one stage needs."""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+
+from kpatchtest.errors import InputError
+
+# Write failures that are the user's environment, not our bug: a read-only or full --out.
+_ENVIRONMENT_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+
+
+def output_error(path: Path, e: OSError) -> InputError | None:
+    """The one-line error for an OSError caused by where the user asked us to write."""
+    if e.errno not in _ENVIRONMENT_ERRNOS:
+        return None
+    return InputError(f"cannot write {path}: {e.strerror}",
+                      hint="free some space or choose a writable --out; earlier results there are intact")
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write `data` to `path` through a temporary file beside it and a rename: readers see
+    the old file or the new one, never half of one, and a failed write (a full disk)
+    removes its temporary file instead of leaving it to keep the disk full."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        err = output_error(path, e)
+        if err is None:
+            raise
+        raise err from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
