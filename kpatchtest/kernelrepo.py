@@ -62,6 +62,10 @@ class KernelCache:
         if self.repo and not is_url(self.repo) and not Path(self.repo).exists():
             raise InputError(f"kernel.repo {self.repo}: no such directory",
                              hint="give a path to a kernel git repository, a URL, or a source tarball")
+        if (self.repo and not is_url(self.repo) and not _is_tarball(self.repo)
+                and not Git(Path(self.repo)).ok("rev-parse", "--git-dir")):
+            raise InputError(f"kernel.repo {self.repo}: not a git repository",
+                             hint="give a path to a kernel git repository, a URL, or a source tarball")
         for b in branches:
             if b.tarball and not Path(b.tarball).is_file():
                 raise InputError(f"branch {b.name}: tarball {b.tarball} not found",

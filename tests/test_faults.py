@@ -111,3 +111,16 @@ def test_report_on_a_wrong_field_says_where_and_needs_no_write_access(hist, tmp_
     assert main(["report", str(bad)]) == 2
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and f"{bad}: branches[0].apply.patches[0].index: " in lines[0] and '"one"' in lines[0], lines
+
+
+def test_repo_that_is_not_git_is_refused_before_anything_is_written(hist, tmp_path, capsys):
+    notgit = tmp_path / "not-a-repo"
+    notgit.mkdir()
+    (notgit / "README").write_text("just files\n")
+    argv = apply_argv(hist, tmp_path / "out", tmp_path)
+    argv[argv.index(str(hist.path))] = str(notgit)
+    assert main(argv) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "not a git repository" in lines[0], lines
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "cache" / "repos").exists()
