@@ -10,7 +10,7 @@ A set is verified only by doing what a maintainer would: on the tree the patch w
 tried on, apply each commit in upstream order the way `git am -3` does (plain, else a
 3-way merge with full-index blobs), then the patch the same way. Singles are tried
 first, then the whole candidate space (or, when the patch does not go in after all of
-it, its longest prefix the patch does go in after) pared greedily in upstream order,
+it, its longest prefix the patch does go in after) pared greedily, newest first,
 then every commit touching the rejected files. The chain (X needs Y) is measured on the verified
 set: X does not go in without Y. Everything runs under a per-patch time budget;
 whatever no trial confirmed is reported unverified, with why.
@@ -198,11 +198,13 @@ class PrerequisiteFinder:
         return self._am3(wi, site.patch.diff), None
 
     def _pare(self, wi: WorkIndex, site: ConflictSite, seq: list[_Commit]) -> list[_Commit]:
-        """Drop, oldest first, every commit the patch still applies without. Each step keeps
-        a sufficient set, so a budget that runs out here still leaves a verified one."""
+        """Drop every commit the patch still applies without, newest first: the trees of the
+        older prefixes are kept, so each trial applies only the few commits kept after the
+        one dropped (oldest first would re-apply the whole rest every time). Each step
+        keeps a sufficient set, so a budget that runs out here still leaves a verified one."""
         chosen = list(seq)
         try:
-            for c in seq:
+            for c in reversed(seq):
                 trial = [x for x in chosen if x is not c]
                 if self._trial(wi, site, trial)[0]:
                     chosen = trial
