@@ -50,6 +50,7 @@ class Git:
             env["GIT_INDEX_FILE"] = str(self.index_file)
         env["LC_ALL"] = "C"
         env.update(GIT_PROTOCOL_ENV)        # no transport outside the allow-list, not even by a redirect
+        env["GIT_TERMINAL_PROMPT"] = "0"    # a URL that wants a login fails instead of waiting forever
         if extra:
             env.update(extra)
         return env

@@ -218,7 +218,8 @@ SourceItem = Annotated[
 
 
 class Spec(_Strict):
-    name: str = Field(min_length=1)
+    # the default --out is out/<name> and the local lab names files after it: a plain name
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_][A-Za-z0-9._+-]*$")
     series: list[SourceItem] = Field(min_length=1)
     kernel: KernelSpec
     fetch: FetchSpec = Field(default_factory=FetchSpec)

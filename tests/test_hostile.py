@@ -205,3 +205,11 @@ def test_ordinary_aliases_still_work(tmp_path):
 def test_control_characters_are_one_line(tmp_path):
     p = validate(tmp_path, "name: t\x00\n")
     assert p.returncode == EXIT_INPUT and "malformed YAML" in one_line(p.stderr), p.stderr
+
+
+@pytest.mark.parametrize("name", ["../../escape", "a,path=/tmp/x", "..", "-rf", "a b"])
+def test_spec_name_is_a_plain_name(tmp_path, name):
+    """The default --out is out/<name> and the local lab names files after it."""
+    with pytest.raises(InputError, match="name"):
+        parse_spec(f"name: {json.dumps(name)}\nseries: [{{msgid: a@b}}]\nkernel: {{repo: /x, branches: [b]}}\n",
+                   tmp_path / "s.yaml")
