@@ -197,15 +197,55 @@ def _b4_base_cmd(opts: FetchOptions, offline: bool) -> list[str]:
     return cmd
 
 
-def _run_b4(cmd: list[str], outdir: Path, what: str) -> str:
-    """Run b4 with a private cache in a non-git cwd; return its log (stdout+stderr)."""
-    with tempfile.TemporaryDirectory(prefix="kpatchtest-b4-") as scratch:
-        env = dict(os.environ)
-        env["XDG_CACHE_HOME"] = str(Path(scratch) / "cache")   # b4 + liblore thread cache
-        env.pop("GIT_DIR", None)
-        env.pop("GIT_WORK_TREE", None)
-        env.setdefault("LC_ALL", "C.UTF-8")
-        env["PYTHONIOENCODING"] = "utf-8"
+def _b4_env(scratch: Path) -> dict[str, str]:
+    """b4's environment: everything it writes lands in scratch, nothing under $HOME.
+
+    b4 and liblore cache threads in XDG_CACHE_HOME; b4 records every `am` (a .am file
+    for `b4 ty`) in XDG_DATA_HOME/b4, where it also reads the keyring `b4 kr` keeps: that
+    keyring is linked in, read-only use. The user's global git config still applies (its
+    b4.midmask, b4.keyringsrc, gpg.program are theirs to set), read through an include
+    from a private GIT_CONFIG_GLOBAL, so a `git config --global` would write the private
+    file. gpg verifies with the user's keys if they have a GnuPG home; without one it
+    gets a private one instead of creating ~/.gnupg.
+    """
+    env = dict(os.environ)
+    env.pop("GIT_DIR", None)
+    env.pop("GIT_WORK_TREE", None)
+    env["XDG_CACHE_HOME"] = str(scratch / "cache")
+    env["XDG_DATA_HOME"] = str(scratch / "data")
+    env["XDG_CONFIG_HOME"] = str(scratch / "config")
+    env["XDG_STATE_HOME"] = str(scratch / "state")
+    keyring = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "b4" / "keyring"
+    if keyring.is_dir():
+        (scratch / "data" / "b4").mkdir(parents=True)
+        (scratch / "data" / "b4" / "keyring").symlink_to(keyring)
+    xdg_config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    globals_ = ([os.environ["GIT_CONFIG_GLOBAL"]] if os.environ.get("GIT_CONFIG_GLOBAL")
+                else [str(xdg_config / "git" / "config"), str(Path.home() / ".gitconfig")])  # git's order
+    gitconfig = scratch / "gitconfig"
+    gitconfig.write_text("[include]\n" + "".join(f"\tpath = {_git_quote(g)}\n" for g in globals_))
+    env["GIT_CONFIG_GLOBAL"] = str(gitconfig)
+    gnupg = Path(os.environ.get("GNUPGHOME") or Path.home() / ".gnupg")
+    if not gnupg.is_dir():
+        (scratch / "gnupg").mkdir(mode=0o700)
+        env["GNUPGHOME"] = str(scratch / "gnupg")
+    env.setdefault("LC_ALL", "C.UTF-8")
+    env["PYTHONIOENCODING"] = "utf-8"
+    return env
+
+
+def _git_quote(value: str) -> str:
+    """A git config value that reads back as exactly this string."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def _run_b4(cmd: list[str], outdir: Path, what: str, opts: FetchOptions) -> str:
+    """Run b4 in a non-git cwd, its files in a scratch dir under the cache (removed
+    afterwards); return its log (stdout+stderr)."""
+    parent = Path(opts.cache_dir) / "b4"
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="run-", dir=parent) as scratch:
+        env = _b4_env(Path(scratch))
         try:
             p = subprocess.run(cmd, cwd=scratch, env=env, stdin=subprocess.DEVNULL,
                                capture_output=True, timeout=B4_TIMEOUT)
@@ -774,7 +814,7 @@ def _fetch_msgid(src: MsgidSource, opts: FetchOptions) -> _Fetched:
         if src.version:
             cmd += ["-v", str(src.version)]
         cmd += ["--", msgid]
-        log = _run_b4(cmd, tmp, what)
+        log = _run_b4(cmd, tmp, what, opts)
         _fetch_sent(tmp, opts, what)
         _write_meta(tmp, _b4_meta(log, opts, kind="msgid", msgid=msgid, version=src.version,
                                   midmask=opts.midmask))
@@ -806,7 +846,7 @@ def _fetch_mbox(src: MboxSource, opts: FetchOptions) -> _Fetched:
         mbox = _with_message_ids(path, data, tmp)
         cmd = _b4_base_cmd(opts, offline=True) + ["am", "-M", "-n", _NAME, "-o", str(tmp), "-l",
                                                   "-m", str(mbox)]
-        log = _run_b4(cmd, tmp, what)
+        log = _run_b4(cmd, tmp, what, opts)
         _write_meta(tmp, _b4_meta(log, opts, kind="mbox", mbox=str(path),
                                   sha256=hashlib.sha256(data).hexdigest()))
 
@@ -913,7 +953,7 @@ def _fetch_commits(src: CommitsSource, opts: FetchOptions) -> _Fetched:
             (md / "new" / f"{n:04d}.eml").write_bytes(raw)
         cmd = _b4_base_cmd(opts, offline=True) + ["am", "-M", "-n", _NAME, "-o", str(tmp / "out"),
                                                   "-m", str(md)]
-        log = _run_b4(cmd, tmp / "out", what)
+        log = _run_b4(cmd, tmp / "out", what, opts)
         for mid, raw in sent.items():
             _keep_sent(tmp / "out", mid, [raw])
         _write_meta(tmp / "out", _b4_meta(log, opts, kind="commits", commits=rng, repo=str(repo)))
