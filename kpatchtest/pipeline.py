@@ -76,7 +76,7 @@ class Outcome:
 
 def series_info(series: Series) -> SeriesInfo:
     return SeriesInfo(
-        title=series.title, sources=list(series.sources), version=series.version,
+        title=series.title, title_note=series.title_note, sources=list(series.sources), version=series.version,
         base_commit=series.base_commit, link=series.link,
         prerequisite_patch_ids=list(series.prerequisite_patch_ids),
         patches=[SeriesPatchInfo(index=p.index, subject=p.subject, msgid=p.msgid, author=p.author,

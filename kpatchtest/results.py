@@ -194,6 +194,7 @@ class SeriesPatchInfo(_Model):
 
 class SeriesInfo(_Model):
     title: str
+    title_note: str | None = None   # why the title is not the cover letter's (a template cover)
     sources: list[str]
     version: int | None = None
     base_commit: str | None = None

@@ -270,3 +270,10 @@ def test_template_cover_letter_takes_the_title_from_the_first_patch(src, tmp_pat
     named = fetch_series([MboxSource(mbox=str(tmp_path / "series.mbox"))],
                          FetchOptions(cache_dir=tmp_path / "cache"), title="Mine")
     assert named.title == "Mine" and named.title_note is None
+    # the note reaches the record and the mail summary
+    from kpatchtest.pipeline import series_info
+    from kpatchtest.report import summary
+    info = series_info(s)
+    assert info.title_note == s.title_note
+    text = summary.render(RunResult(tool_version="test", name="t", started="now", series=info))
+    assert f"Note: {s.title_note}" in text and "kpatchtest: firmware: update the logo, add a table" in text

@@ -29,6 +29,8 @@ def render(result: RunResult) -> str:
     out = [f"kpatchtest: {title}" + (f" (v{s.version})" if s and s.version else ""), ""]
     if s:
         out.append(f"Series: {len(s.patches)} patch(es) from {', '.join(s.sources)}")
+        if s.title_note:
+            out.append(f"Note: {s.title_note}")
         if s.base_commit:
             out.append(f"base-commit: {s.base_commit}")
         if s.link:
