@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-_HUNK_RE = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
+# ASCII digits, and not so many that int() refuses them (past 4300 digits): a header with
+# more is no hunk header, as git apply calls it corrupt.
+_HUNK_RE = re.compile(r"^@@ -([0-9]{1,18})(?:,([0-9]{1,18}))? \+([0-9]{1,18})(?:,([0-9]{1,18}))? @@")
 
 
 @dataclass
@@ -49,7 +51,7 @@ class Hunk:
                 lo = hi = max(n - 1, 1)
         if lo is None:
             return self.new_range()
-        return lo, hi
+        return min(lo, hi), max(lo, hi)     # apart only in a hunk that adds at line 0
 
 
 @dataclass

@@ -26,6 +26,7 @@ are never cached.
 from __future__ import annotations
 
 import email
+import email.errors
 import email.policy
 import email.utils
 import hashlib
@@ -161,7 +162,11 @@ def _clean_msgid(raw: str) -> str:
         s = s[3:]
     if re.match(r"(?i)^https?://", s):
         # a lore URL: https://lore.kernel.org/all/<msgid>/ (optionally /T/, /raw, ...)
-        for seg in urllib.parse.urlparse(s).path.split("/"):
+        try:
+            path = urllib.parse.urlparse(s).path
+        except ValueError:      # "https://[x@y": an unclosed IPv6 bracket; take it apart by hand
+            path = s
+        for seg in path.split("/"):
             seg = urllib.parse.unquote(seg)
             if "@" in seg:
                 s = seg
@@ -264,13 +269,20 @@ _ATT_RE = r"(Signed|BADSIG|No key): (.*)"
 
 
 def _b4_error(log: str) -> str | None:
-    """b4's most telling complaint in its log, or None."""
-    wanted = ("Could not retrieve thread", "No messages found", "No patches found",
-              "Unable to find revision", "does not exist", "Exiting due to attestation",
-              "suspicious unicode", "Could not find", "ERROR", "CRITICAL", "Traceback",
-              "Error", "error")
-    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
-    for w in wanted:
+    """b4's most telling complaint in its log, or None. When b4 crashed (it does on
+    some malformed mails), the exception its traceback ends with, never a line of it."""
+    specific = ("Could not retrieve thread", "No messages found", "No patches found",
+                "Unable to find revision", "does not exist", "Exiting due to attestation",
+                "suspicious unicode", "Could not find")
+    head, _, tb = log.partition("Traceback (most recent call last)")
+    lines = [ln.strip() for ln in head.splitlines() if ln.strip()]
+    for w in specific:
+        for ln in lines:
+            if w in ln:
+                return ln
+    if tb.strip():
+        return f"b4 crashed on it ({tb.strip().splitlines()[-1].strip()})"
+    for w in ("ERROR", "CRITICAL", "Error", "error"):
         for ln in lines:
             if w in ln:
                 return ln
@@ -390,7 +402,7 @@ def _parse_attestation(log: str, policy: str) -> list[tuple[str, str, str]]:
 
 def _b4_meta(log: str, opts: FetchOptions, **extra) -> dict:
     link = re.search(r"^ Link: (\S+)", log, re.M)
-    total = re.search(r"^Total patches: (\d+)", log, re.M)
+    total = re.search(r"^Total patches: ([0-9]{1,9})$", log, re.M)
     return {
         "format": CACHE_FORMAT,
         "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -417,7 +429,7 @@ def _subject_version(subject: str) -> int | None:
     m = re.match(r"^\s*\[([^\]]*)\]", subject)
     if not m:
         return None
-    vs = re.findall(r"\bv(\d+)\b", m.group(1), re.I)
+    vs = re.findall(r"\bv([0-9]{1,9})\b", m.group(1), re.I)    # int() refuses 4300+ digits
     return int(vs[-1]) if vs else 1
 
 
@@ -429,7 +441,7 @@ def _body_text(msg: EmailMessage) -> str:
             return ""
     try:
         text = part.get_content()
-    except (LookupError, KeyError):
+    except (LookupError, UnicodeError):     # an unknown charset; or one like idna that cannot "replace"
         text = (part.get_payload(decode=True) or b"").decode("utf-8", "replace")
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
@@ -460,7 +472,7 @@ _DIFF_HEADER_RE = re.compile(
     r"^(diff --git |index |--- |\+\+\+ |old mode |new mode |deleted file mode |new file mode |"
     r"similarity index |dissimilarity index |rename (from|to) |copy (from|to) |Binary files |"
     r"GIT binary patch|@@ |\\ )")
-_HUNK_RE = re.compile(r"^@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@")
+_HUNK_RE = re.compile(r"^@@ -[0-9]{1,18}(?:,([0-9]{1,18}))? \+[0-9]{1,18}(?:,([0-9]{1,18}))? @@")   # as diffparse's
 # git's binary hunks: "literal N" / "delta N", base85 lines led by a length letter, an
 # empty line closing each hunk.
 _BINARY_RE = re.compile(r"^(?:(?:literal|delta) \d+|[A-Za-z][0-9A-Za-z!#$%&()*+;<=>?@^_`{|}~-]+|)$")
@@ -575,7 +587,7 @@ def _as_b4_decodes(diff: str, charset: str | None) -> str:
     """What b4 makes of these bytes: decoded with the mail's charset, errors replaced."""
     try:
         return rawtext.encode(diff).decode(charset or "utf-8", "replace")
-    except LookupError:
+    except (LookupError, UnicodeError):
         return rawtext.encode(diff).decode("utf-8", "replace")
 
 
@@ -603,14 +615,23 @@ def _diff_as_sent(entry: Path, msgid: str | None, b4_diff: str, what: str) -> st
                      hint="check the mail's charset and transfer encoding (git am it by hand to compare)")
 
 
+def _header(msg: EmailMessage, name: str) -> str:
+    """A header's value; the raw one where Python's header parser fails on it (it raises
+    IndexError on "Message-Id: <", HeaderParseError on others)."""
+    try:
+        return str(msg.get(name, "") or "")
+    except (LookupError, ValueError, AttributeError, TypeError, email.errors.MessageError):
+        return " ".join(next((v for k, v in msg.raw_items() if k.lower() == name.lower()), "").split())
+
+
 def _author(msg: EmailMessage) -> str:
-    name, addr = email.utils.parseaddr(str(msg.get("From", "")))
+    name, addr = email.utils.parseaddr(_header(msg, "From"))
     name = " ".join(name.split())
     return f"{name} <{addr}>" if name else addr
 
 
 def _msgid(msg: EmailMessage) -> str | None:
-    v = str(msg.get("Message-Id", "") or "").strip().strip("<>").strip()
+    v = _header(msg, "Message-Id").strip().strip("<>").strip()
     return v or None
 
 
@@ -649,7 +670,7 @@ def _load_entry(entry: Path, what: str, with_msgids: bool = True,
     version = None
     for i, f in enumerate(files):
         msg = _read_mail(f)
-        raw_subject = " ".join(str(msg.get("Subject", "")).split())
+        raw_subject = " ".join(_header(msg, "Subject").split())
         version = version or _subject_version(raw_subject)
         body = _body_text(msg)
         texts.append(body)
@@ -669,7 +690,7 @@ def _load_entry(entry: Path, what: str, with_msgids: bool = True,
             index=i + 1,
             subject=_strip_prefix(raw_subject),
             author=_author(msg),
-            date=str(msg.get("Date", "")),
+            date=_header(msg, "Date"),
             message=message,
             diff=diff,
             msgid=mid if with_msgids else None,
@@ -683,7 +704,7 @@ def _load_entry(entry: Path, what: str, with_msgids: bool = True,
     cover_file = entry / f"{_NAME}.cover"
     if cover_file.is_file():
         cmsg = _read_mail(cover_file)
-        title = _strip_prefix(str(cmsg.get("Subject", ""))) or None
+        title = _strip_prefix(_header(cmsg, "Subject")) or None
         cover_text = _cut_cover_signature(_body_text(cmsg))
         cover_msgid = _msgid(cmsg)
         title, title_note = _cover_title(title, cover_text, patches[0].subject)

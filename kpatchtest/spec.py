@@ -269,7 +269,8 @@ def _line_of(doc: Any, loc: tuple) -> int | None:
 def _fmt_loc(loc: tuple) -> str:
     out = ""
     for step in loc:
-        out += f"[{step}]" if isinstance(step, int) else ("." if out else "") + str(step)
+        key = str(step) if str(step).isprintable() else repr(str(step))    # a key "\n" keeps one line
+        out += f"[{step}]" if isinstance(step, int) else ("." if out else "") + key
     return out or "(top level)"
 
 
@@ -385,7 +386,12 @@ def parse_spec(text: str, path: Path) -> LoadedSpec:
             lines.append(f"{where}: {_fmt_loc(loc)}: {_describe(err, _allowed_keys(loc))}")
         raise InputError("; ".join(lines[:1]) + (f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""),
                          hint=None) from None
-    _resolve_paths(spec, path.parent)
+    try:
+        _resolve_paths(spec, path.parent)
+    except (ValueError, OSError) as e:      # a NUL byte in a path; a name longer than the OS allows
+        raise InputError(f"{path}: a path in the spec is not a usable file name "
+                         f"({e.strerror if isinstance(e, OSError) else e})",
+                         hint="check the mbox, repo, tarball, configs and kvm_unit_tests paths") from None
     return LoadedSpec(spec=spec, path=path)
 
 
