@@ -124,3 +124,13 @@ def test_repo_that_is_not_git_is_refused_before_anything_is_written(hist, tmp_pa
     assert len(lines) == 1 and "not a git repository" in lines[0], lines
     assert not (tmp_path / "out").exists()
     assert not (tmp_path / "cache" / "repos").exists()
+
+
+def test_quiet_silences_progress_never_errors(hist, tmp_path, capsys):
+    argv = apply_argv(hist, tmp_path / "out", tmp_path) + ["-q"]
+    argv[argv.index("linux-1.0.y")] = "linux-0.9.y"
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = error_lines(captured.err)
+    assert len(lines) == 1 and lines[0].startswith("kpatchtest: error: branch linux-0.9.y: ") and "not found" in lines[0], lines
+    assert captured.out == ""
