@@ -96,8 +96,9 @@ def test_cold_baseline_and_incremental_patched_build(kbuild):
         assert (kbuild["run_dir"] / b.baseline.artifacts[name]).exists(), name
     p = b.patched
     assert p.status == "pass", p.error_excerpt
-    # only what the patch touches (plus the version object for the new LOCALVERSION)
-    assert 1 <= p.objects_compiled <= 10, p.objects_compiled
+    # only what the patch touches, plus the objects that embed the kernel release (the new
+    # LOCALVERSION): init/version, kernel/sys, kernel/module, kernel/trace... 14 with this recipe
+    assert 1 <= p.objects_compiled <= 20, p.objects_compiled
     log = (kbuild["run_dir"] / p.artifacts["build.log"]).read_text()
     assert "CC      arch/x86/kvm/mmu/tdp_mmu.o" in log
     assert p.kernelrelease != b.baseline.kernelrelease      # the boot stage can tell them apart
