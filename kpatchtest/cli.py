@@ -103,7 +103,8 @@ def _run_outcome(outcome, quiet: bool) -> int:
     from kpatchtest.report import summary
     if not quiet:
         sys.stdout.write(summary.render(outcome.result))
-        print(f"\nreports: {', '.join(str(p) for p in outcome.reports)}", file=sys.stderr)
+        if outcome.reports:     # none when the run kept the previous results
+            print(f"\nreports: {', '.join(str(p) for p in outcome.reports)}", file=sys.stderr)
     for b in outcome.result.branches:   # -q silences progress, never errors
         if b.error:
             print(f"kpatchtest: error: branch {b.name}: {b.error}", file=sys.stderr)

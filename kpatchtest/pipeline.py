@@ -23,12 +23,12 @@ from kpatchtest.kernelrepo import KernelCache, ResolvedKernel
 from kpatchtest.patchset import Series
 from kpatchtest.progress import Progress
 from kpatchtest.report import write_all
-from kpatchtest.util import output_error, write_atomic
 from kpatchtest.results import SCHEMA_VERSION, ApplyResult, GateResult, RunResult, SeriesInfo, SeriesPatchInfo
 from kpatchtest.series import FetchOptions, fetch_series
 from kpatchtest.spec import GATE_ACCEPTS, LoadedSpec
 from kpatchtest.stages import boot_stage, build_stage
 from kpatchtest.stages.workloads_stage import Workloads
+from kpatchtest.util import output_error, write_atomic
 
 STAGES = ("fetch", "apply", "build", "boot", "workloads")
 FUTURE_STAGES = ("compare",)
