@@ -134,3 +134,13 @@ def test_quiet_silences_progress_never_errors(hist, tmp_path, capsys):
     lines = error_lines(captured.err)
     assert len(lines) == 1 and lines[0].startswith("kpatchtest: error: branch linux-0.9.y: ") and "not found" in lines[0], lines
     assert captured.out == ""
+
+
+def test_run_files_get_the_users_umask(hist, tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert main(apply_argv(hist, tmp_path / "out", tmp_path) + ["-q"]) == 0
+    finally:
+        os.umask(old)
+    for name in ("results.json", "junit.xml", "summary.md", "report.html", "series.mbox"):
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644, name
