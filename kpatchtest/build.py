@@ -28,6 +28,7 @@ from kpatchtest.gitutil import Git
 from kpatchtest.locks import exclusive as locked
 from kpatchtest.results import ApplyResult, BranchBuild, BuildResult, PatchBuild
 from kpatchtest.toolchain import Toolchain
+from kpatchtest.util import write_atomic
 
 # Fixed build identity strings: the same inputs give the same kernel.
 _REPRODUCIBLE = {"KBUILD_BUILD_TIMESTAMP": "Thu Jan  1 00:00:00 UTC 1970",
@@ -179,10 +180,7 @@ class Builder:
         mism = kconfig.verify(merge, text, self.recipe.required)
         cfg = _Config(text, kconfig.config_hash(text), [m.describe() for m in mism if not m.required],
                       [m.describe() for m in mism if m.required])
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cfg.__dict__))
-        os.replace(tmp, cache)
+        write_atomic(cache, json.dumps(cfg.__dict__))
         return cfg
 
     # -- warnings -----------------------------------------------------------

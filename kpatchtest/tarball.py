@@ -40,6 +40,7 @@ from typing import IO, Iterator
 from kpatchtest.errors import GitError, InputError
 from kpatchtest.gitutil import Git
 from kpatchtest.locks import exclusive
+from kpatchtest.util import write_atomic
 
 IMPORT_PREFIX = "refs/kpatchtest/imports/"
 _TMP_PREFIX = "refs/kpatchtest/tmp/import-"
@@ -160,10 +161,7 @@ def _save_record(gitdir: Path, path: Path, name: str | None, key: list[int], sha
     records[_record_id(path, name)] = {
         "stat": key, "sha256": sha, "ref": tree.ref, "commit": tree.commit, "version": tree.version,
     }
-    fd, tmp = tempfile.mkstemp(prefix=".kpatchtest-imports.", dir=gitdir)
-    with os.fdopen(fd, "w") as f:
-        json.dump(records, f, indent=1, sort_keys=True)
-    os.replace(tmp, gitdir / _RECORDS)
+    write_atomic(gitdir / _RECORDS, json.dumps(records, indent=1, sort_keys=True))
 
 
 def _cached(git: Git, gitdir: Path, path: Path, name: str | None, key: list[int]) -> ImportedTree | None:

@@ -18,7 +18,8 @@ def output_error(path: Path, e: OSError) -> InputError | None:
     if e.errno not in _ENVIRONMENT_ERRNOS:
         return None
     return InputError(f"cannot write {path}: {e.strerror}",
-                      hint="free some space or choose a writable --out; earlier results there are intact")
+                      hint="free some space or choose a writable place (--out, --cache-dir); "
+                           "what was there before is intact")
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
