@@ -39,14 +39,18 @@ class ApplyContext:
     branches: tuple[str, ...] = ()          # every branch commit of the run: bounds the upstream scan
     prerequisite_budget_s: float = 30.0     # per conflicting patch (spec apply.prerequisite_budget_s)
     _upstream: dict[str, RangeIndex] = field(default_factory=dict, compare=False, repr=False)
+    _forks: dict[tuple[str, ...], str | None] = field(default_factory=dict, compare=False, repr=False)
 
     def upstream_index(self, branch_commit: str) -> RangeIndex | None:
         """Upstream commits since the oldest fork point of the run's branches (and the base):
         one index for all branches, so a series merged before a branch's tag is still found."""
         if not self.upstream:
             return None
-        fork = oldest_fork_point(self.git, self.upstream,
-                                 [*self.branches, branch_commit, *([self.base] if self.base else [])])
+        # every branch of a run asks with the same commits: the merge-bases are computed once
+        commits = tuple(dict.fromkeys([*self.branches, branch_commit, *([self.base] if self.base else [])]))
+        if commits not in self._forks:
+            self._forks[commits] = oldest_fork_point(self.git, self.upstream, list(commits))
+        fork = self._forks[commits]
         if fork is None:
             return None
         if fork not in self._upstream:
