@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -17,6 +16,7 @@ from kpatchtest import __version__
 from kpatchtest.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, KpatchtestError
 from kpatchtest.kernelrepo import default_cache_dir
 from kpatchtest.progress import Progress
+from kpatchtest.util import user_path
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,14 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", type=Path)
     p.add_argument("--out", "-o", type=Path, default=None, help="where to write (default: beside results.json)")
     return ap
-
-
-def user_path(p: str | Path) -> Path:
-    """A path the user typed, made absolute against the directory they ran from.
-
-    Resolved once, here at the edge: git runs with ``-C <cache repo>`` and b4 in its
-    own cwd, so a relative path handed to either would land somewhere else."""
-    return Path(os.path.abspath(os.path.expanduser(str(p))))
 
 
 def _cache_dir(args) -> Path:

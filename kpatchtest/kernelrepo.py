@@ -20,6 +20,7 @@ from kpatchtest.gitutil import Git
 from kpatchtest.locks import exclusive as locked
 from kpatchtest.spec import BranchSpec
 from kpatchtest.urls import is_url, ref_problem, repo_problem
+from kpatchtest.util import user_path
 
 REMOTES = "refs/kpatchtest/remotes"
 IMPORTS = "refs/kpatchtest/imports"
@@ -30,9 +31,9 @@ def default_cache_dir() -> Path:
     value is taken from the current directory, once)."""
     env = os.environ.get("KPATCHTEST_CACHE")
     if env:
-        return Path(os.path.abspath(os.path.expanduser(env)))
+        return user_path(env)
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(os.path.abspath(xdg)) / "kpatchtest"
+    return user_path(xdg) / "kpatchtest"
 
 
 @dataclass

@@ -28,7 +28,7 @@ from kpatchtest.series import FetchOptions, fetch_series
 from kpatchtest.spec import GATE_ACCEPTS, LoadedSpec
 from kpatchtest.stages import boot_stage, build_stage
 from kpatchtest.stages.workloads_stage import Workloads
-from kpatchtest.util import output_error, write_atomic
+from kpatchtest.util import output_error, user_path, write_atomic
 
 STAGES = ("fetch", "apply", "build", "boot", "workloads")
 FUTURE_STAGES = ("compare",)
@@ -51,8 +51,8 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         # git runs in the cache repo and b4 in a scratch cwd: never hand them a relative path
-        self.out = Path(os.path.abspath(self.out))
-        self.cache_dir = Path(os.path.abspath(self.cache_dir))
+        self.out = user_path(self.out)
+        self.cache_dir = user_path(self.cache_dir)
 
 
 def parse_stages(text: str | None) -> tuple[str, ...]:

@@ -7,7 +7,6 @@ found; unknown keys are errors, because a typo must never be silently ignored.
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,6 +19,7 @@ from ruamel.yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEv
 from kpatchtest.errors import InputError
 from kpatchtest.sources import CommitsSource, MboxSource, MsgidSource, Source
 from kpatchtest.urls import check_ref, check_repo, is_url
+from kpatchtest.util import user_path
 
 ApplyLevel = Literal["clean", "three-way", "partial", "any"]
 
@@ -454,7 +454,7 @@ def resolve_fragment(name: str, base: Path) -> str:
 
 
 def load_spec(path: str | Path) -> LoadedSpec:
-    p = Path(os.path.abspath(os.path.expanduser(str(path))))   # paths inside are relative to it
+    p = user_path(path)     # paths inside are relative to it
     try:
         text = p.read_text()
     except FileNotFoundError:

@@ -13,6 +13,14 @@ from kpatchtest.errors import InputError
 _ENVIRONMENT_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 
 
+def user_path(p: str | os.PathLike) -> Path:
+    """A path the user gave, absolute against the directory they ran from (`~` expanded).
+
+    Resolved once, at the edge (CLI, spec, environment): git runs with ``-C <cache repo>``
+    and b4 in its own cwd, so a relative path handed to either would land somewhere else."""
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(p))))
+
+
 def output_error(path: Path, e: OSError) -> InputError | None:
     """The one-line error for an OSError caused by where the user asked us to write."""
     if e.errno not in _ENVIRONMENT_ERRNOS:
