@@ -2,7 +2,7 @@
 """Backport feasibility: kpatchtest's private-index engine vs the naive way.
 
 Naive: per branch `git worktree add` + `git am -3` + `git worktree remove`
-(what a maintainer's script does). Fast: kpatchtest.apply on a private index.
+(what a maintainer's script does). Fast: kpatchtest.apply.engine on a private index.
 Both on Debian's linux-source trees (~80k files), with the demo series.
 
     .venv/bin/python benchmarks/apply_feasibility.py [--cache DIR] [--repeat N]
@@ -24,10 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kpatchtest.apply import ApplyContext, BranchTarget, apply_series  # noqa: E402
+from kpatchtest.apply.engine import ApplyContext, BranchTarget, apply_series  # noqa: E402
+from kpatchtest.fetch.series import FetchOptions, fetch_series  # noqa: E402
+from kpatchtest.fetch.sources import MboxSource  # noqa: E402
 from kpatchtest.gitutil import Git  # noqa: E402
-from kpatchtest.series import FetchOptions, fetch_series  # noqa: E402
-from kpatchtest.sources import MboxSource  # noqa: E402
 from kpatchtest.tarball import import_tarball  # noqa: E402
 
 TARBALLS = {"debian-6.1": Path("/usr/src/linux-source-6.1.tar.xz"),

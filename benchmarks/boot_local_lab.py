@@ -21,9 +21,9 @@ sys.path.insert(0, str(ROOT))
 
 from kpatchtest.errors import KpatchtestError  # noqa: E402
 from kpatchtest.kernelrepo import default_cache_dir  # noqa: E402
-from kpatchtest.lab.boot import Booter, KernelToBoot  # noqa: E402
-from kpatchtest.lab.local import local_lab  # noqa: E402
-from kpatchtest.lab.ssh import HostConnection  # noqa: E402
+from kpatchtest.lab.local.lab import local_lab  # noqa: E402
+from kpatchtest.lab.ssh.boot import Booter, KernelToBoot  # noqa: E402
+from kpatchtest.lab.ssh.connection import HostConnection  # noqa: E402
 
 
 def main() -> int:

@@ -21,11 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kpatchtest.build import Builder, BuildPlace, ConfigRecipe  # noqa: E402
+from kpatchtest.build.builder import Builder, BuildPlace, ConfigRecipe  # noqa: E402
+from kpatchtest.build.toolchain import Toolchain  # noqa: E402
 from kpatchtest.kernelrepo import KernelCache  # noqa: E402
 from kpatchtest.spec import CONFIGS_DIR  # noqa: E402
 from kpatchtest.tarball import import_tarball  # noqa: E402
-from kpatchtest.toolchain import Toolchain  # noqa: E402
 
 TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 TDP = "arch/x86/kvm/mmu/tdp_mmu.c"

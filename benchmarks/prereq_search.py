@@ -32,12 +32,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kpatchtest.apply import ApplyContext, BranchTarget, apply_series  # noqa: E402
+from kpatchtest.apply.engine import ApplyContext, BranchTarget, apply_series  # noqa: E402
+from kpatchtest.apply.workindex import WorkIndex  # noqa: E402
 from kpatchtest.diffparse import parse_diff  # noqa: E402
 from kpatchtest.gitutil import Git  # noqa: E402
 from kpatchtest.patchset import Patch, Series  # noqa: E402
 from kpatchtest.results import ApplyResult  # noqa: E402
-from kpatchtest.workindex import WorkIndex  # noqa: E402
 from tests import histories  # noqa: E402
 from tests.kernelhist import MMU, Repo, c_file  # noqa: E402
 

@@ -74,12 +74,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kpatchtest.kernelrepo import default_cache_dir  # noqa: E402
-from kpatchtest.lab.local import local_lab  # noqa: E402
-from kpatchtest.lab.qemu import detect_accel  # noqa: E402
-from kpatchtest.lab.ssh import HostConnection  # noqa: E402
+from kpatchtest.lab.local.lab import local_lab  # noqa: E402
+from kpatchtest.lab.local.qemu import detect_accel  # noqa: E402
+from kpatchtest.lab.ssh.connection import HostConnection  # noqa: E402
 from kpatchtest.workloads.probes import PROBES  # noqa: E402
-from kpatchtest.workloads.smm import (SmmBootRun, guest_memory_mb, run_probed,  # noqa: E402
-                                      upload_image, write_image)
+from kpatchtest.workloads.smm import SmmBootRun, guest_memory_mb, run_probed, upload_image, write_image  # noqa: E402
 
 CMDLINE = "kvm.tdp_mmu=1"
 # Metrics with a candidate on a hot kernel function (see kpatchtest.workloads.probes).

@@ -114,9 +114,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_apply(args) -> int:
+    import yaml
+
     from kpatchtest.pipeline import RunOptions, run
     from kpatchtest.spec import parse_spec
-    import yaml
     source = {"mbox": args.mbox} if args.mbox else {"msgid": args.msgid}
     if args.msgid and args.series_version:
         source["version"] = args.series_version
@@ -129,7 +130,7 @@ def cmd_apply(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    from kpatchtest.series import FetchOptions, fetch_series
+    from kpatchtest.fetch.series import FetchOptions, fetch_series
     from kpatchtest.spec import load_spec
     loaded = load_spec(args.spec)
     spec = loaded.spec
@@ -168,13 +169,13 @@ def cmd_report(args) -> int:
 def cmd_lab(args) -> int:
     cache = _cache_dir(args)
     if args.lab_cmd == "image":
-        from kpatchtest.lab.image import build_image
+        from kpatchtest.lab.local.image import build_image
         image = build_image(cache, nested=args.nested)
         print(f"{image.initramfs} ({image.initramfs.stat().st_size // 1024} KiB)")
         print(f"client key: {image.client_key}")
         print(f"host key: {image.host_public_key}")
         return EXIT_OK
-    from kpatchtest.lab.hostlock import Quarantine
+    from kpatchtest.lab.ssh.hostlock import Quarantine
     Quarantine(cache / "lab-state" / "quarantine.json").clear(args.host)
     print(f"quarantine cleared for {args.host or 'all hosts'}")
     return EXIT_OK

@@ -14,7 +14,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kpatchtest.apply import BranchTarget, slug
+from kpatchtest.apply.engine import BranchTarget, slug
 from kpatchtest.errors import InputError
 from kpatchtest.gitutil import Git
 from kpatchtest.locks import exclusive as locked

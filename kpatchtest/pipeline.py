@@ -17,18 +17,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from kpatchtest import __version__, rawtext
-from kpatchtest.apply import ApplyContext, BranchTarget, apply_series
+from kpatchtest.apply.engine import ApplyContext, BranchTarget, apply_series
+from kpatchtest.boot import stage as boot_stage
+from kpatchtest.build import stage as build_stage
 from kpatchtest.errors import EXIT_GATE, EXIT_INPUT, EXIT_OK, InputError
+from kpatchtest.fetch.series import FetchOptions, fetch_series
 from kpatchtest.kernelrepo import KernelCache, ResolvedKernel
 from kpatchtest.patchset import Series
 from kpatchtest.progress import Progress
 from kpatchtest.report import write_all
 from kpatchtest.results import SCHEMA_VERSION, ApplyResult, GateResult, RunResult, SeriesInfo, SeriesPatchInfo
-from kpatchtest.series import FetchOptions, fetch_series
 from kpatchtest.spec import GATE_ACCEPTS, LoadedSpec
-from kpatchtest.stages import boot_stage, build_stage
-from kpatchtest.stages.workloads_stage import Workloads
 from kpatchtest.util import output_error, user_path, write_atomic
+from kpatchtest.workloads.stage import Workloads
 
 STAGES = ("fetch", "apply", "build", "boot", "workloads")
 FUTURE_STAGES = ("compare",)

@@ -10,14 +10,23 @@ import io
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent, ScalarEvent
 
 from kpatchtest.errors import InputError
-from kpatchtest.sources import CommitsSource, MboxSource, MsgidSource, Source
+from kpatchtest.fetch.sources import CommitsSource, MboxSource, MsgidSource, Source
 from kpatchtest.urls import check_ref, check_repo, is_url
 from kpatchtest.util import user_path
 
@@ -431,7 +440,7 @@ def _resolve_paths(spec: Spec, base: Path) -> None:
         if b.tarball:
             b.tarball = _abs(b.tarball, base)
     if spec.configs:
-        from kpatchtest.kconfig import base_kind
+        from kpatchtest.build.kconfig import base_kind
         spec.configs.fragments = [resolve_fragment(f, base) for f in spec.configs.fragments]
         if base_kind(spec.configs.base) == "file":
             spec.configs.base = _abs(spec.configs.base, base)
@@ -440,7 +449,7 @@ def _resolve_paths(spec: Spec, base: Path) -> None:
         kut.source = _abs(kut.source, base)
 
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parent / "data" / "configs"
 
 
 def resolve_fragment(name: str, base: Path) -> str:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from kpatchtest.build import Builder, BuildPlace, ConfigRecipe
+from kpatchtest.build.builder import Builder, BuildPlace, ConfigRecipe
 from kpatchtest.gitutil import Git
 from kpatchtest.spec import CONFIGS_DIR, load_spec
 
@@ -60,7 +60,7 @@ def build_lab_kernel(git: Git, commit: str, cache_dir: Path, log=lambda m: None,
 
     Another fragment list (e.g. + kvm-trace.config) wants its own `place` (build dir), so
     that the two configs do not rebuild each other's objects."""
-    from kpatchtest.toolchain import Toolchain
+    from kpatchtest.build.toolchain import Toolchain
     recipe = ConfigRecipe.from_spec(LAB_BASE, [str(CONFIGS_DIR / f) for f in fragments], list(LAB_REQUIRED))
     toolchain = Toolchain.detect()
     # The copy below is indexed by what identifies the build (the tree, the recipe, the
@@ -126,7 +126,7 @@ def need_image_tools() -> None:
 
 @pytest.fixture(scope="session")
 def lab_image(kpt_cache):
-    from kpatchtest.lab.image import build_image
+    from kpatchtest.lab.local.image import build_image
     need_image_tools()
     return build_image(kpt_cache)
 
@@ -183,7 +183,7 @@ def wait_for_ssh(ssh: SSH, timeout: float = SSH_BOOT_TIMEOUT_S, not_boot_id: str
 
 @pytest.fixture(scope="module")
 def local_vm(lab_kernel, lab_image, tmp_path_factory):
-    from kpatchtest.lab.qemu import LocalVM, VMConfig
+    from kpatchtest.lab.local.qemu import LocalVM, VMConfig
     workdir = tmp_path_factory.mktemp("local-vm")
     vm = LocalVM(workdir, VMConfig(kernel=lab_kernel, initrd=lab_image.initramfs))
     t0 = time.monotonic()

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from kpatchtest.lab.inventory import HostSpec, Timeouts
+from kpatchtest.lab.ssh.inventory import HostSpec, Timeouts
 
 SSHD = "/usr/sbin/sshd"
 

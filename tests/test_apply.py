@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kpatchtest.apply import ApplyContext, BranchTarget, apply_series, builds_on, verdict
+from kpatchtest.apply.engine import ApplyContext, BranchTarget, apply_series, builds_on, verdict
 from kpatchtest.diffparse import parse_diff
 from kpatchtest.gitutil import Git
 from tests.kernelhist import GONE, MMU, NEW, OLD, SMM, X86, build

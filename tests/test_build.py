@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from kpatchtest.build import Builder, BuildPlace, ConfigRecipe, build_branch
+from kpatchtest.build.builder import Builder, BuildPlace, ConfigRecipe, build_branch
+from kpatchtest.build.toolchain import Toolchain
 from kpatchtest.gitutil import Git
 from kpatchtest.results import ApplyResult, PatchResult
 from kpatchtest.spec import CONFIGS_DIR
-from kpatchtest.toolchain import Toolchain
 from tests.conftest_lab import LAB_BASE, LAB_FRAGMENTS
 
 pytestmark = pytest.mark.slow

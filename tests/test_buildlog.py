@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kpatchtest import buildlog as B
+from kpatchtest.build import buildlog as B
 
 needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 

@@ -15,8 +15,8 @@ import pytest
 from kpatchtest.cli import main
 from kpatchtest.errors import EXIT_INPUT, InputError
 from kpatchtest.spec import MAX_YAML_DEPTH, parse_spec
-from kpatchtest.workloads.kut import KutError, kut_source
 from kpatchtest.tarball import import_tarball
+from kpatchtest.workloads.kut import KutError, kut_source
 from tests.kernelhist import build
 from tests.test_tarball import bare, kernel_members, ls_tree, write_tar
 

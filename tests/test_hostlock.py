@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from kpatchtest.lab.hostlock import HostBusy, Quarantine, local_host_lock, remote_host_lock
-from kpatchtest.lab.ssh import HostConnection, LabError
+from kpatchtest.lab.ssh.connection import HostConnection, LabError
+from kpatchtest.lab.ssh.hostlock import HostBusy, Quarantine, local_host_lock, remote_host_lock
 from tests.conftest_sshd import Sshd, sshd, sshd_keys  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,9 +51,9 @@ def _kill(p: subprocess.Popen[str]) -> None:
 
 REMOTE_HOLDER = """
 import sys, time
-from kpatchtest.lab.inventory import HostSpec
-from kpatchtest.lab.ssh import HostConnection
-from kpatchtest.lab.hostlock import remote_host_lock
+from kpatchtest.lab.ssh.inventory import HostSpec
+from kpatchtest.lab.ssh.connection import HostConnection
+from kpatchtest.lab.ssh.hostlock import remote_host_lock
 conn = HostConnection(HostSpec.model_validate_json(sys.argv[1]), log=lambda line: None)
 with remote_host_lock(conn, 5, "other run", path=sys.argv[2]):
     print("held", flush=True)
@@ -63,7 +63,7 @@ with remote_host_lock(conn, 5, "other run", path=sys.argv[2]):
 LOCAL_HOLDER = """
 import sys, time
 from pathlib import Path
-from kpatchtest.lab.hostlock import local_host_lock
+from kpatchtest.lab.ssh.hostlock import local_host_lock
 with local_host_lock(Path(sys.argv[1]), "box/1", 5, run="run-42"):
     print("held", flush=True)
     time.sleep(60)

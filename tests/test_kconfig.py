@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kpatchtest import kconfig as K
+from kpatchtest.build import kconfig as K
 from kpatchtest.errors import InputError
 
 REPO = Path(__file__).resolve().parent.parent

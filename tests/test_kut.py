@@ -16,12 +16,24 @@ from pathlib import Path
 
 import pytest
 
-from kpatchtest.lab.ssh import HostConnection
+from kpatchtest.lab.ssh.connection import HostConnection
 from kpatchtest.workloads import kut
 from kpatchtest.workloads.dmesgwatch import dmesg_delta
-from kpatchtest.workloads.kut import (KutError, build_kut, deploy_kut, kut_source, parse_log,
-                                      parse_plain, parse_summary, parse_tap, parse_vmexit, resolve,
-                                      run_kut, tap_plan, vmexit_metrics)
+from kpatchtest.workloads.kut import (
+    KutError,
+    build_kut,
+    deploy_kut,
+    kut_source,
+    parse_log,
+    parse_plain,
+    parse_summary,
+    parse_tap,
+    parse_vmexit,
+    resolve,
+    run_kut,
+    tap_plan,
+    vmexit_metrics,
+)
 from kpatchtest.workloads.record import Metric, WorkloadRecord
 
 STANDIN = Path(__file__).parent / "kut_standin"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from kpatchtest.lab.ssh import HostConnection
+from kpatchtest.lab.ssh.connection import HostConnection
 from kpatchtest.workloads.kut import build_kut, deploy_kut, kut_source, run_kut
 from tests.conftest_lab import need_image_tools
 
@@ -29,7 +29,7 @@ STANDIN = Path(__file__).parent / "kut_standin"
 @pytest.fixture(scope="module")
 def kut_lab(lab_kernel, kpt_cache, tmp_path_factory):
     """A connection to a nested-image lab VM on the lab kernel; the VM stops with the module."""
-    from kpatchtest.lab.local import local_lab
+    from kpatchtest.lab.local.lab import local_lab
     need_image_tools()
     work = tmp_path_factory.mktemp("kut-lab")
     t0 = time.monotonic()

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from kpatchtest.lab.boot import Booter, KernelToBoot
-from kpatchtest.lab.local import LOCAL_TIMEOUTS, local_host
-from kpatchtest.lab.ssh import HostKeyRejected
+from kpatchtest.lab.local.lab import LOCAL_TIMEOUTS, local_host
+from kpatchtest.lab.ssh.boot import Booter, KernelToBoot
+from kpatchtest.lab.ssh.connection import HostKeyRejected
 from tests.conftest_lab import LAB_BASE, LAB_FRAGMENTS, build_lab_kernel
 from tests.test_build import harmless_commit, pipeline_spec
 

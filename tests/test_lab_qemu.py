@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from kpatchtest.lab.image import MARKER, build_image
-from kpatchtest.lab.qemu import LocalVM, VMConfig, detect_accel
+from kpatchtest.lab.local.image import MARKER, build_image
+from kpatchtest.lab.local.qemu import LocalVM, VMConfig, detect_accel
 from tests.conftest_lab import SSH, need_image_tools, wait_for_ssh
 
 pytestmark = pytest.mark.slow
@@ -241,10 +241,10 @@ def test_start_stop_idempotent_and_qmp_cli(lab_kernel, lab_image, tmp_path):
     try:
         assert vm.running() and vm.pid and len(str(vm.qmp_socket)) < 108
         assert vm.qmp("query-status")["status"] == "running"
-        q = subprocess.run([sys.executable, "-m", "kpatchtest.lab.qmp", str(vm.qmp_socket), "query-status"],
+        q = subprocess.run([sys.executable, "-m", "kpatchtest.lab.local.qmp", str(vm.qmp_socket), "query-status"],
                            capture_output=True, text=True)
         assert q.returncode == 0 and '"running"' in q.stdout
-        bad = subprocess.run([sys.executable, "-m", "kpatchtest.lab.qmp", str(vm.qmp_socket), "no-such-command"],
+        bad = subprocess.run([sys.executable, "-m", "kpatchtest.lab.local.qmp", str(vm.qmp_socket), "no-such-command"],
                              capture_output=True, text=True)
         assert bad.returncode == 1 and "CommandNotFound" in bad.stderr
         sock = vm.qmp_socket
@@ -252,6 +252,6 @@ def test_start_stop_idempotent_and_qmp_cli(lab_kernel, lab_image, tmp_path):
         vm.stop()
     vm.stop()
     assert not vm.running()
-    gone = subprocess.run([sys.executable, "-m", "kpatchtest.lab.qmp", str(sock), "system_reset"],
+    gone = subprocess.run([sys.executable, "-m", "kpatchtest.lab.local.qmp", str(sock), "system_reset"],
                           capture_output=True, text=True)
     assert gone.returncode == 2

@@ -10,9 +10,15 @@ from pathlib import Path
 import pytest
 
 from kpatchtest.errors import EXIT_INPUT, KpatchtestError
-from kpatchtest.lab.inventory import Timeouts
-from kpatchtest.lab.ssh import (HostConnection, HostKeyRejected, HostUnreachable, LabError,
-                                RemoteCommandFailed, parse_jump)
+from kpatchtest.lab.ssh.connection import (
+    HostConnection,
+    HostKeyRejected,
+    HostUnreachable,
+    LabError,
+    RemoteCommandFailed,
+    parse_jump,
+)
+from kpatchtest.lab.ssh.inventory import Timeouts
 from tests.conftest_sshd import Sshd, free_port, sshd, sshd_keys  # noqa: F401  (fixtures)
 
 NASTY = ["two words", "semi;colon", "$(touch /tmp/kpt-pwned)", "`id`", "it's", 'say "hi"',
@@ -108,7 +114,7 @@ def test_insecure_host_keys_accepts_and_logs(sshd: Sshd, tmp_path: Path) -> None
 def test_logs_name_the_key_file_never_its_content(sshd: Sshd, sshd_keys, caplog) -> None:  # noqa: F811
     """The route line (printed once per host by the boot stage, logged to run.log at
     every connection) names the key file, never its content."""
-    caplog.set_level("INFO", logger="kpatchtest.lab.ssh")
+    caplog.set_level("INFO", logger="kpatchtest.lab.ssh.connection")
     with HostConnection(sshd.host_spec(), log=Log()) as c:
         c.run(["true"])
         route = c.route()

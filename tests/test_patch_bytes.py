@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 
 from kpatchtest import rawtext
-from kpatchtest.apply import ApplyContext, BranchTarget, apply_series
+from kpatchtest.apply.engine import ApplyContext, BranchTarget, apply_series
 from kpatchtest.errors import FetchError
+from kpatchtest.fetch.series import FetchOptions, fetch_series
+from kpatchtest.fetch.sources import MboxSource, MsgidSource
 from kpatchtest.gitutil import Git
 from kpatchtest.report import write_all
 from kpatchtest.results import BranchResult, RunResult
-from kpatchtest.series import FetchOptions, fetch_series
-from kpatchtest.sources import MboxSource, MsgidSource
 from tests.conftest_lore import Lore
 
 LEGACY_C = b"/*\n * legacy.c: an old driver\n *\n * Copyright (C) 1996 Ren\xe9 Lef\xe8vre\n */\n\nint legacy;\n"

@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from kpatchtest import __version__
-from kpatchtest.apply import ApplyContext, BranchTarget, apply_series
+from kpatchtest.apply.engine import ApplyContext, BranchTarget, apply_series
 from kpatchtest.cli import main
 from kpatchtest.gitutil import Git
 from kpatchtest.report import junit, summary, write_all

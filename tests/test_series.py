@@ -9,10 +9,8 @@ from pathlib import Path
 import pytest
 
 from kpatchtest.errors import FetchError
-from kpatchtest.series import FetchOptions, fetch_series
-from kpatchtest.sources import CommitsSource, MboxSource, MsgidSource
-
-
+from kpatchtest.fetch.series import FetchOptions, fetch_series
+from kpatchtest.fetch.sources import CommitsSource, MboxSource, MsgidSource
 
 
 @pytest.fixture

@@ -18,11 +18,26 @@ from pathlib import Path
 import pytest
 
 from kpatchtest.workloads import probes as P
-from kpatchtest.workloads.bootsector import (EXIT_MOVE_ERROR, EXIT_NO_EDD, EXIT_OK, EXIT_READ_ERROR,
-                                             SECTOR, boot_sector, boot_sector_listing, debug_exit_code,
-                                             make_boot_image)
-from kpatchtest.workloads.smm import (RUN_SCRIPT, LocalRunner, SmmBootRun, guest_memory_mb,
-                                      interpret_exit, nested_qemu_argv, parse_run_output)
+from kpatchtest.workloads.bootsector import (
+    EXIT_MOVE_ERROR,
+    EXIT_NO_EDD,
+    EXIT_OK,
+    EXIT_READ_ERROR,
+    SECTOR,
+    boot_sector,
+    boot_sector_listing,
+    debug_exit_code,
+    make_boot_image,
+)
+from kpatchtest.workloads.smm import (
+    RUN_SCRIPT,
+    LocalRunner,
+    SmmBootRun,
+    guest_memory_mb,
+    interpret_exit,
+    nested_qemu_argv,
+    parse_run_output,
+)
 
 QEMU = shutil.which("qemu-system-x86_64")
 SEABIOS = Path("/usr/share/seabios/bios-256k.bin")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kpatchtest.errors import InputError
-from kpatchtest.sources import MboxSource, MsgidSource
+from kpatchtest.fetch.sources import MboxSource, MsgidSource
 from kpatchtest.spec import load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from kpatchtest.lab.local import local_lab
-from kpatchtest.lab.ssh import HostConnection
+from kpatchtest.lab.local.lab import local_lab
+from kpatchtest.lab.ssh.connection import HostConnection
 from kpatchtest.results import SCHEMA_VERSION
 from kpatchtest.spec import SmmBootSpec
 from kpatchtest.workloads.bootsector import make_boot_image

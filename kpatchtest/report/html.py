@@ -4,8 +4,18 @@ from __future__ import annotations
 
 from html import escape
 
-from kpatchtest.report.cells import (boot_notes, boot_rows, branch_verdict, build_notes, build_rows, cell, patch_cell,
-                                     patch_prerequisites, patch_rows, prerequisite_notes)
+from kpatchtest.report.cells import (
+    boot_notes,
+    boot_rows,
+    branch_verdict,
+    build_notes,
+    build_rows,
+    cell,
+    patch_cell,
+    patch_prerequisites,
+    patch_rows,
+    prerequisite_notes,
+)
 from kpatchtest.report.workload_cells import BranchWorkloads, branch_workloads, counts_text, workload_rows
 from kpatchtest.results import BranchResult, RunResult
 

@@ -5,9 +5,18 @@ Plain ASCII, columns padded, so it reads the same in a mail client as rendered.
 
 from __future__ import annotations
 
-
-from kpatchtest.report.cells import (boot_notes, boot_rows, branch_verdict, build_notes, build_rows, cell, patch_cell,
-                                     patch_prerequisites, patch_rows, prerequisite_notes)
+from kpatchtest.report.cells import (
+    boot_notes,
+    boot_rows,
+    branch_verdict,
+    build_notes,
+    build_rows,
+    cell,
+    patch_cell,
+    patch_prerequisites,
+    patch_rows,
+    prerequisite_notes,
+)
 from kpatchtest.report.workload_cells import workload_notes, workload_rows
 from kpatchtest.results import RunResult
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from kpatchtest.errors import KpatchtestError
 from kpatchtest.lab import splats
-from kpatchtest.lab.ssh import HostConnection
+from kpatchtest.lab.ssh.connection import HostConnection
 
 
 def dmesg_delta(before: str, after: str) -> str:

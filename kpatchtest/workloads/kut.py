@@ -58,10 +58,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from kpatchtest.errors import KpatchtestError
-from kpatchtest.lab.ssh import HostConnection, LabError, RunResult
-from kpatchtest.workloads.dmesgwatch import DmesgWatch
+from kpatchtest.lab.ssh.connection import HostConnection, LabError, RunResult
 from kpatchtest.locks import exclusive
 from kpatchtest.urls import GIT_PROTOCOL_ENV, is_url, ref_problem, repo_problem
+from kpatchtest.workloads.dmesgwatch import DmesgWatch
 from kpatchtest.workloads.record import Metric, WorkloadRecord, WorkloadStatus
 
 GROUP = "kvm-unit-tests"

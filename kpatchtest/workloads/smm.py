@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol, Sequence
 
-from kpatchtest.workloads.bootsector import (EXIT_MOVE_ERROR, EXIT_NO_EDD, EXIT_OK,
-                                             EXIT_READ_ERROR, make_boot_image)
+from kpatchtest.workloads.bootsector import EXIT_MOVE_ERROR, EXIT_NO_EDD, EXIT_OK, EXIT_READ_ERROR, make_boot_image
 
 if TYPE_CHECKING:
     from kpatchtest.workloads.probes import ProbeReading

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from kpatchtest.errors import KpatchtestError
-from kpatchtest.lab.ssh import HostConnection
+from kpatchtest.lab.ssh.connection import HostConnection
 from kpatchtest.spec import SmmBootSpec
 from kpatchtest.workloads import probes as P
 from kpatchtest.workloads.dmesgwatch import DmesgWatch

@@ -436,7 +436,7 @@ def build_image(cache_dir: Path, *, nested: bool = False, log=lambda msg: None) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kpatchtest.lab.image", description="build the local lab initramfs")
+    ap = argparse.ArgumentParser(prog="python -m kpatchtest.lab.local.image", description="build the local lab initramfs")
     ap.add_argument("cache_dir", type=Path)
     ap.add_argument("--nested", action="store_true", help="include qemu-system-x86_64 and SeaBIOS for nested guests")
     a = ap.parse_args(argv)

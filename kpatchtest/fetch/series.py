@@ -47,9 +47,9 @@ from typing import Sequence
 
 from kpatchtest import rawtext
 from kpatchtest.errors import FetchError, GitError
+from kpatchtest.fetch.sources import CommitsSource, MboxSource, MsgidSource, Source
 from kpatchtest.gitutil import Git
 from kpatchtest.patchset import Patch, Series
-from kpatchtest.sources import CommitsSource, MboxSource, MsgidSource, Source
 
 ATTESTATION_POLICIES = ("off", "softfail", "hardfail")
 CACHE_FORMAT = 2             # 2: entries keep the mails as sent (sent/) for byte-faithful diffs

@@ -15,13 +15,13 @@ from typing import Protocol
 import yaml
 from pydantic import ValidationError
 
-from kpatchtest.apply import slug
+from kpatchtest.apply.engine import slug
 from kpatchtest.errors import InputError, KpatchtestError
-from kpatchtest.lab.boot import Booter, KernelToBoot
-from kpatchtest.lab.hostlock import Quarantine, local_host_lock, remote_host_lock
-from kpatchtest.lab.inventory import LABS_DIR, HostSpec, LabSpec
-from kpatchtest.lab.local import local_lab
-from kpatchtest.lab.ssh import HostConnection
+from kpatchtest.lab.local.lab import local_lab
+from kpatchtest.lab.ssh.boot import Booter, KernelToBoot
+from kpatchtest.lab.ssh.connection import HostConnection
+from kpatchtest.lab.ssh.hostlock import Quarantine, local_host_lock, remote_host_lock
+from kpatchtest.lab.ssh.inventory import LABS_DIR, HostSpec, LabSpec
 from kpatchtest.progress import Progress
 from kpatchtest.results import BootResult, BranchResult, BuildResult, RunResult
 from kpatchtest.spec import LabRef, Spec

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kpatchtest.apply import slug
-from kpatchtest.build import Builder, BuildPlace, ConfigRecipe, build_branch
+from kpatchtest.apply.engine import slug
+from kpatchtest.build.builder import Builder, BuildPlace, ConfigRecipe, build_branch
+from kpatchtest.build.toolchain import Toolchain
 from kpatchtest.kernelrepo import ResolvedKernel
 from kpatchtest.progress import Progress
 from kpatchtest.results import BranchBuild, BuildResult, RunResult
 from kpatchtest.spec import GATE_ACCEPTS, Spec
-from kpatchtest.toolchain import Toolchain
 
 
 def recipe_for(spec: Spec) -> ConfigRecipe:

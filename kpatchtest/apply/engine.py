@@ -13,13 +13,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kpatchtest.apply.history import RangeIndex, is_ancestor, merge_base, oldest_fork_point, patch_id_of_diff
+from kpatchtest.apply.prereqs import ConflictSite, PrerequisiteFinder, SeriesMembers
+from kpatchtest.apply.workindex import WorkIndex
 from kpatchtest.diffparse import FileDiff, Hunk, parse_diff
 from kpatchtest.gitutil import Git
-from kpatchtest.history import RangeIndex, is_ancestor, merge_base, oldest_fork_point, patch_id_of_diff
 from kpatchtest.patchset import Patch, Series
-from kpatchtest.prereqs import ConflictSite, PrerequisiteFinder, SeriesMembers
 from kpatchtest.results import ApplyResult, Conflict, PatchResult, Prerequisite
-from kpatchtest.workindex import WorkIndex
 
 
 @dataclass(frozen=True)

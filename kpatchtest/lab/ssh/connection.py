@@ -39,7 +39,7 @@ import fabric
 import paramiko
 
 from kpatchtest.errors import EXIT_INPUT, KpatchtestError
-from kpatchtest.lab.inventory import HostSpec
+from kpatchtest.lab.ssh.inventory import HostSpec
 
 KEEPALIVE_S = 5
 BOOT_ID = "/proc/sys/kernel/random/boot_id"

@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from kpatchtest.apply import slug
+from kpatchtest.apply.engine import slug
 from kpatchtest.errors import KpatchtestError
-from kpatchtest.lab.inventory import HostSpec
-from kpatchtest.lab.ssh import HostConnection
+from kpatchtest.lab.ssh.connection import HostConnection
+from kpatchtest.lab.ssh.inventory import HostSpec
 from kpatchtest.results import BootResult, BranchResult, WorkloadRun
 from kpatchtest.spec import WorkloadsSpec
 from kpatchtest.workloads import kut

@@ -7,10 +7,10 @@ import contextlib
 from pathlib import Path
 from typing import Callable, Iterator
 
-from kpatchtest.lab.image import LabImage, build_image
-from kpatchtest.lab.inventory import HostSpec, PowerCommands, Timeouts
-from kpatchtest.lab.qemu import DEFAULT_CMDLINE, LocalVM, VMConfig
-from kpatchtest.lab.ssh import HostConnection
+from kpatchtest.lab.local.image import LabImage, build_image
+from kpatchtest.lab.local.qemu import DEFAULT_CMDLINE, LocalVM, VMConfig
+from kpatchtest.lab.ssh.connection import HostConnection
+from kpatchtest.lab.ssh.inventory import HostSpec, PowerCommands, Timeouts
 
 LOCAL_TIMEOUTS = Timeouts(connect_s=5, boot_s=180, command_s=300, lock_wait_s=600)
 

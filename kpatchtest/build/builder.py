@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from kpatchtest import buildlog, kconfig
+from kpatchtest.build import buildlog, kconfig
+from kpatchtest.build.toolchain import Toolchain
 from kpatchtest.gitutil import Git
 from kpatchtest.locks import exclusive as locked
 from kpatchtest.results import ApplyResult, BranchBuild, BuildResult, PatchBuild
-from kpatchtest.toolchain import Toolchain
 from kpatchtest.util import write_atomic
 
 # Fixed build identity strings: the same inputs give the same kernel.

@@ -67,4 +67,4 @@ class LabSpec(_Strict):
         return [h for h in self.hosts if set(tags) <= set(h.tags)]
 
 
-LABS_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "labs"
+LABS_DIR = Path(__file__).resolve().parents[2] / "data" / "configs" / "labs"

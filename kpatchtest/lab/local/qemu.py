@@ -5,7 +5,7 @@
 - serial console appended to ``workdir/console.log`` (kept across resets and restarts);
   :meth:`LocalVM.console_command` is a shell command that prints it from now on;
 - QMP on ``workdir/qmp.sock``; :meth:`LocalVM.power_cycle_command` is a shell command
-  (``python -m kpatchtest.lab.qmp SOCK system_reset``) that resets the VM into the
+  (``python -m kpatchtest.lab.local.qmp SOCK system_reset``) that resets the VM into the
   known-good kernel, whatever the guest kexec'd into: the local lab's power cycle;
 - guest reboots and kexec stay inside the VM (no ``-no-reboot``).
 
@@ -34,7 +34,7 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kpatchtest.lab.qmp import QMP, QMPConnectError, QMPError, qmp_command
+from kpatchtest.lab.local.qmp import QMP, QMPConnectError, QMPError, qmp_command
 
 __all__ = ["VMConfig", "LocalVM", "VMError", "detect_accel", "free_port", "host_tsc_khz", "tcg_cmdline", "QEMU",
            "TCG_CPU", "DEFAULT_CMDLINE"]
@@ -333,7 +333,7 @@ class LocalVM:
 
     # -- lab-box style shell commands ------------------------------------------------------
     def _qmp_shell(self, command: str) -> str:
-        return shlex.join([sys.executable, "-m", "kpatchtest.lab.qmp", str(self.qmp_socket), command])
+        return shlex.join([sys.executable, "-m", "kpatchtest.lab.local.qmp", str(self.qmp_socket), command])
 
     def power_cycle_command(self) -> str:
         """A shell command that hard-resets the VM into its known-good kernel."""

@@ -3,10 +3,10 @@
 Also a command line, so the local lab's power actions are shell commands like a hardware
 lab's ipmitool line::
 
-    python -m kpatchtest.lab.qmp /path/qmp.sock system_reset
-    python -m kpatchtest.lab.qmp /path/qmp.sock quit
-    python -m kpatchtest.lab.qmp /path/qmp.sock query-status
-    python -m kpatchtest.lab.qmp /path/qmp.sock human-monitor-command '{"command-line": "info cpus"}'
+    python -m kpatchtest.lab.local.qmp /path/qmp.sock system_reset
+    python -m kpatchtest.lab.local.qmp /path/qmp.sock quit
+    python -m kpatchtest.lab.local.qmp /path/qmp.sock query-status
+    python -m kpatchtest.lab.local.qmp /path/qmp.sock human-monitor-command '{"command-line": "info cpus"}'
 
 Prints the command's return value as JSON; exit status 0 on success, 1 when QEMU answered
 with an error, 2 when QEMU could not be reached.

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from kpatchtest.lab.ssh import HostConnection, HostUnreachable, LabError
+from kpatchtest.lab.ssh.connection import HostConnection, HostUnreachable, LabError
 
 REMOTE_LOCK = "/run/kpatchtest.lock"   # /run is a tmpfs: a reboot frees everything
 

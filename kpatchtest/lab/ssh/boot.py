@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Callable
 
 from kpatchtest.errors import KpatchtestError
-from kpatchtest.lab.inventory import HostSpec
 from kpatchtest.lab.splats import scan
-from kpatchtest.lab.ssh import HostConnection
+from kpatchtest.lab.ssh.connection import HostConnection
+from kpatchtest.lab.ssh.inventory import HostSpec
 from kpatchtest.results import BootResult, SplatInfo
 
 REMOTE_ROOT = "/boot/kpatchtest"     # every test kernel lives under its own release here

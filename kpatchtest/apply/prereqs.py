@@ -22,12 +22,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kpatchtest.apply.history import RangeIndex, patch_ids
+from kpatchtest.apply.workindex import WorkIndex
 from kpatchtest.diffparse import FileDiff, Hunk, parse_diff
 from kpatchtest.gitutil import Git
-from kpatchtest.history import RangeIndex, patch_ids
 from kpatchtest.patchset import Patch
 from kpatchtest.results import Prerequisite
-from kpatchtest.workindex import WorkIndex
 
 MAX_SPACE = 100     # commits one trial may apply (a file's whole history since the fork can be more)
 MAX_LISTED = 12     # unverified candidates worth a reviewer's eyes
