@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kpatchtest.pipeline import evaluate_gates
+from kpatchtest.gates import evaluate_gates
 from kpatchtest.results import BootResult, BranchBuild, BranchResult, BuildResult, RunResult, SplatInfo
 from kpatchtest.spec import parse_spec
 
