@@ -130,7 +130,7 @@ def cmd_apply(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    from kpatchtest.fetch.series import FetchOptions, fetch_series
+    from kpatchtest.fetch.stage import FetchOptions, fetch_series
     from kpatchtest.spec import load_spec
     loaded = load_spec(args.spec)
     spec = loaded.spec

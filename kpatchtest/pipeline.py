@@ -21,7 +21,7 @@ from kpatchtest.apply.engine import ApplyContext, BranchTarget, apply_series
 from kpatchtest.boot import stage as boot_stage
 from kpatchtest.build import stage as build_stage
 from kpatchtest.errors import EXIT_GATE, EXIT_INPUT, EXIT_OK, InputError
-from kpatchtest.fetch.series import FetchOptions, fetch_series
+from kpatchtest.fetch.stage import FetchOptions, fetch_series
 from kpatchtest.kernelrepo import KernelCache, ResolvedKernel
 from kpatchtest.patchset import Series
 from kpatchtest.progress import Progress

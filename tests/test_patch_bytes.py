@@ -23,7 +23,7 @@ import pytest
 from kpatchtest import rawtext
 from kpatchtest.apply.engine import ApplyContext, BranchTarget, apply_series
 from kpatchtest.errors import FetchError
-from kpatchtest.fetch.series import FetchOptions, fetch_series
+from kpatchtest.fetch.stage import FetchOptions, fetch_series
 from kpatchtest.fetch.sources import MboxSource, MsgidSource
 from kpatchtest.gitutil import Git
 from kpatchtest.report import write_all

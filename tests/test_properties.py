@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from kpatchtest.cli import main
 from kpatchtest.diffparse import diff_size, parse_diff
 from kpatchtest.errors import FetchError, InputError
-from kpatchtest.fetch import series as S
+from kpatchtest.fetch import stage as S
 from kpatchtest.spec import LoadedSpec, parse_spec
 
 FEW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kpatchtest.errors import FetchError
-from kpatchtest.fetch.series import FetchOptions, fetch_series
+from kpatchtest.fetch.stage import FetchOptions, fetch_series
 from kpatchtest.fetch.sources import CommitsSource, MboxSource, MsgidSource
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kpatchtest.cli import main
-from kpatchtest.fetch.series import _b4_env
+from kpatchtest.fetch.stage import _b4_env
 from tests.kernelhist import build
 
 GITCONFIG = "[b4]\n\tcache-expire = 10\n"     # the user's own global config: read, never written
