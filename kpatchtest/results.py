@@ -10,6 +10,8 @@ docs/results-schema.md):
   5 - apply: an offset-only patch is `applied` (offsets in detail), no longer
       applied-3way; patches[].prerequisites per conflicting patch (verified sets replayed
       the way git am -3 applies them; why, needs); conflict patches' depends_on.
+  6 - branches[].compare (tests, metrics and new splats: baseline against patched per host,
+      see kpatchtest/compare/model.py); workloads[].rerun.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from kpatchtest.compare.model import BranchComparison
 from kpatchtest.workloads.record import WorkloadRecord
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # Later versions only added fields (and 5 narrowed applied-3way): older files read as runs without them.
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 
 PatchStatus = Literal["applied", "applied-3way", "already-present", "conflict", "skipped"]
 ApplyMethod = Literal["offset", "3way", "fuzz", "rename"]
@@ -158,6 +161,7 @@ class WorkloadRun(_Model):
     build: Literal["baseline", "patched"]
     host: str
     round: int = 1
+    rerun: int = 0                  # 0: a round; k: the k-th rerun boot (of that round's tests) for compare
     kernelrelease: str | None = None
     repetitions: int = 1
     records: list[WorkloadRecord] = Field(default_factory=list)
@@ -181,6 +185,7 @@ class BranchResult(_Model):
     build: BranchBuild | None = None
     boot: list[BootResult] = Field(default_factory=list)
     workloads: list[WorkloadRun] = Field(default_factory=list)
+    compare: BranchComparison | None = None
 
 
 class SeriesPatchInfo(_Model):
