@@ -37,6 +37,7 @@ from kpatchtest.workloads.smm import (
     interpret_exit,
     nested_qemu_argv,
     parse_run_output,
+    parse_serial,
 )
 
 QEMU = shutil.which("qemu-system-x86_64")
@@ -182,7 +183,7 @@ def test_run_script_samples_kvm_debugfs_while_alive(tmp_path):
     # a file whose read fails (6.1's mmu_rmaps_stat on a TDP-MMU VM) must not void the
     # sample: /proc/self/mem is a regular file whose read at offset 0 fails, even for root
     (vm / "mmu_rmaps_stat").symlink_to("/proc/self/mem")
-    r = LocalRunner().run(["sh", "-c", RUN_SCRIPT, "sh", "10", str(tmp_path / "kvm"), "sleep", "0.5"],
+    r = LocalRunner().run(["sh", "-c", RUN_SCRIPT, "sh", "10", str(tmp_path / "kvm"), "", "sleep", "0.5"],
                           timeout=30, check=False)
     code, secs, stats = parse_run_output(r.stdout)
     assert code == 0 and secs is not None and secs >= 0.4
@@ -192,10 +193,41 @@ def test_run_script_samples_kvm_debugfs_while_alive(tmp_path):
 
 def test_run_script_reports_timeout_and_no_stats_without_vm(tmp_path):
     (tmp_path / "kvm").mkdir()
-    r = LocalRunner().run(["sh", "-c", RUN_SCRIPT, "sh", "1", str(tmp_path / "kvm"), "sleep", "20"],
+    r = LocalRunner().run(["sh", "-c", RUN_SCRIPT, "sh", "1", str(tmp_path / "kvm"), "", "sleep", "20"],
                           timeout=30, check=False)
     code, secs, stats = parse_run_output(r.stdout)
     assert code == 137 and stats == {} and secs is not None and secs < 10
+
+
+WRITER = r"""
+exec > "$1"
+printf 'first\n'; sleep 0.3; printf 'se\033[1;1Hcond\r\n'; sleep 0.3; printf 'no newline'
+"""
+
+
+@pytest.mark.parametrize("shell", [s for s in ("sh", "dash", "busybox") if shutil.which(s)])
+def test_run_script_timestamps_serial_lines_as_they_arrive(tmp_path, shell):
+    """A stand-in for QEMU writes three lines (the last without a newline) to the serial
+    FIFO, 0.3 s apart: each comes back once, in order, stamped between t0 and t1 and
+    about that far apart; the FIFO is removed."""
+    fifo = str(tmp_path / "serial")
+    argv = [shell, "sh", "-c", RUN_SCRIPT] if shell == "busybox" else [shell, "-c", RUN_SCRIPT]
+    r = LocalRunner().run([*argv, "sh", "10", "", fifo, "sh", "-c", WRITER, "w", fifo], timeout=30, check=False)
+    log = parse_serial(r.stdout)
+    assert log is not None, r.stdout + r.stderr
+    assert [line for _, line in log.lines] == ["first", "se\x1b[1;1Hcond", "no newline"], r.stdout
+    times = [t for t, _ in log.lines]
+    assert log.t0 <= times[0] <= times[1] <= times[2] <= log.t1
+    assert times[2] - times[0] >= 0.4
+    assert not Path(fifo).exists()
+
+
+def test_run_script_serial_fifo_without_writer_does_not_hang(tmp_path):
+    """QEMU failing before it opens the serial file must not leave the reader blocked."""
+    fifo = str(tmp_path / "serial")
+    r = LocalRunner().run(["sh", "-c", RUN_SCRIPT, "sh", "5", "", fifo, "false"], timeout=20, check=False)
+    log = parse_serial(r.stdout)
+    assert log is not None and log.lines == [] and parse_run_output(r.stdout)[0] == 1
 
 
 # --- probes ----------------------------------------------------------------------------

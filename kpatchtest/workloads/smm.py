@@ -54,7 +54,7 @@ def guest_memory_mb(spread_mb: int = 0) -> int:
 def nested_qemu_argv(image_path: str, accel: str = "kvm", disk_if: DiskIf = "ahci",
                      timeout_s: float | None = None, *, memory_mb: int = 64,
                      qemu: str = QEMU, cpu: str | None = None,
-                     debugcon_path: str | None = None,
+                     debugcon_path: str | None = None, serial_path: str | None = None,
                      extra: Sequence[str] = ()) -> list[str]:
     """QEMU argv for one SMM-heavy boot of `image_path`.
 
@@ -69,6 +69,7 @@ def nested_qemu_argv(image_path: str, accel: str = "kvm", disk_if: DiskIf = "ahc
     (exit 0) instead of looping. With `timeout_s` the argv starts with
     `timeout -s KILL <s>` (busybox or coreutils on the host).
     `debugcon_path`: SeaBIOS's debug log (port 0x402) to that file.
+    `serial_path`: the guest's COM1 to that file (RUN_SCRIPT makes it a FIFO it timestamps).
     """
     if disk_if == "ahci":
         machine = "q35,smm=on"
@@ -76,10 +77,12 @@ def nested_qemu_argv(image_path: str, accel: str = "kvm", disk_if: DiskIf = "ahc
         machine = "pc,smm=on"
     else:
         raise ValueError(f"disk_if must be 'ahci' or 'ide', not {disk_if!r}")
-    if "," in image_path:
-        raise ValueError(f"QEMU -drive cannot take a file name with a comma: {image_path!r}")
+    for what, path in (("-drive", image_path), ("-serial", serial_path), ("debugcon", debugcon_path)):
+        if path and "," in path:
+            raise ValueError(f"QEMU {what} cannot take a file name with a comma: {path!r}")
+    serial = f"file:{serial_path}" if serial_path else "none"
     argv = [qemu, "-accel", accel, "-machine", machine, "-m", str(memory_mb),
-            "-nodefaults", "-display", "none", "-serial", "none", "-monitor", "none",
+            "-nodefaults", "-display", "none", "-serial", serial, "-monitor", "none",
             "-no-reboot",
             "-device", DEBUG_EXIT_DEVICE,
             "-drive", f"file={image_path},format=raw,if=none,id=d0",
@@ -87,8 +90,6 @@ def nested_qemu_argv(image_path: str, accel: str = "kvm", disk_if: DiskIf = "ahc
     if cpu:
         argv += ["-cpu", cpu]
     if debugcon_path:
-        if "," in debugcon_path:
-            raise ValueError(f"debugcon path with a comma: {debugcon_path!r}")
         argv += ["-chardev", f"file,id=kptdbg,path={debugcon_path}",
                  "-device", "isa-debugcon,iobase=0x402,chardev=kptdbg"]
     argv += list(extra)
@@ -168,18 +169,37 @@ class LocalRunner:
         return r
 
 
-# The remote part, run as `sh -c RUN_SCRIPT sh LIMIT STATSDIR ARGV...`. It prints
+# The remote part, run as `sh -c RUN_SCRIPT sh LIMIT STATSDIR SERIAL ARGV...`. It prints
 #   kpt-kvmstat VMDIR NAME VALUE   (last complete sample of /sys/kernel/debug/kvm/PID-FD/*
 #                                  taken while the VM existed)
+#   kpt-serial UPTIME LINE         (with SERIAL: each line QEMU wrote to the FIFO SERIAL,
+#                                  stamped when it arrived; a shell builtin reads uptime)
 #   kpt-smm-boot rc=RC t0=UPTIME t1=UPTIME
 # and always exits 0 (the status is in rc=, so an ssh session killed with its child
-# cannot be mistaken for a result).
+# cannot be mistaken for a result). The script holds the FIFO open read-write on fd 3
+# (no open blocks, and the reader sees EOF only when the script lets go after QEMU).
 RUN_SCRIPT = r"""
-limit=$1; kvmdbg=$2; shift 2
+limit=$1; kvmdbg=$2; serial=$3; shift 3
 tmp=${TMPDIR:-/tmp}/kpt-kvmstat.$$
-rm -f "$tmp" "$tmp.last"
+rm -f "$tmp" "$tmp.last" "$tmp.serial"
+if [ -n "$serial" ]; then
+    rm -f "$serial"
+    mkfifo "$serial" || serial=
+fi
+if [ -n "$serial" ]; then
+    exec 3<>"$serial"
+    (
+        exec 3>&-
+        while IFS= read -r line || [ -n "$line" ]; do
+            read -r up _ < /proc/uptime
+            printf 'kpt-serial %s %s\n' "$up" "$line"
+            line=
+        done
+    ) < "$serial" > "$tmp.serial" &
+    reader=$!
+fi
 t0=$(cut -d' ' -f1 /proc/uptime)
-timeout -s KILL "$limit" "$@" &
+timeout -s KILL "$limit" "$@" 3>&- &
 pid=$!
 if [ -n "$kvmdbg" ] && [ -d "$kvmdbg" ]; then
     while kill -0 "$pid" 2>/dev/null; do
@@ -207,7 +227,13 @@ wait "$pid"
 rc=$?
 t1=$(cut -d' ' -f1 /proc/uptime)
 [ -f "$tmp.last" ] && cat "$tmp.last"
-rm -f "$tmp" "$tmp.last"
+if [ -n "$serial" ]; then
+    exec 3>&-
+    wait "$reader"
+    cat "$tmp.serial"
+    rm -f "$serial"
+fi
+rm -f "$tmp" "$tmp.last" "$tmp.serial"
 echo "kpt-smm-boot rc=$rc t0=$t0 t1=$t1"
 exit 0
 """
@@ -215,6 +241,7 @@ exit 0
 KVM_DEBUGFS = "/sys/kernel/debug/kvm"
 _BOOT_LINE = re.compile(r"^kpt-smm-boot rc=(-?\d+) t0=([\d.]+) t1=([\d.]+)\s*$", re.M)
 _STAT_LINE = re.compile(r"^kpt-kvmstat (\S+) (\S+) (-?\d+)\s*$", re.M)
+_SERIAL_LINE = re.compile(r"^kpt-serial ([\d.]+) (.*)$", re.M)
 
 
 @dataclass
@@ -227,6 +254,28 @@ class SmmBootResult:
     kvm_stats: dict[str, int] = field(default_factory=dict)  # summed over the run's VMs
     stdout: str = ""
     stderr: str = ""
+    serial: "SerialLog | None" = None   # with SmmBootRun.serial_path: the timestamped console
+
+
+@dataclass(frozen=True)
+class SerialLog:
+    """The guest's console as RUN_SCRIPT saw it: host uptimes of QEMU's start and end,
+    and (uptime, line) per line, stamped on arrival."""
+
+    t0: float
+    t1: float
+    lines: list[tuple[float, str]]
+
+
+def parse_serial(stdout: str) -> SerialLog | None:
+    """RUN_SCRIPT's kpt-serial lines and its t0/t1; None without the result line."""
+    m = None
+    for m in _BOOT_LINE.finditer(stdout):
+        pass
+    if m is None:
+        return None
+    lines = [(float(s[1]), s[2].rstrip("\r")) for s in _SERIAL_LINE.finditer(stdout)]
+    return SerialLog(float(m[2]), float(m[3]), lines)
 
 
 def parse_run_output(stdout: str) -> tuple[int | None, float | None, dict[str, int]]:
@@ -259,15 +308,18 @@ class SmmBootRun:
     debugcon_path: str | None = None
     kvm_debugfs: str | None = KVM_DEBUGFS   # None: do not sample KVM counters
     slack_s: float = 30.0
+    serial_path: str | None = None          # a FIFO on the host for the guest's console
+    extra: tuple[str, ...] = ()             # more QEMU arguments
 
     def qemu_argv(self) -> list[str]:
         return nested_qemu_argv(self.image_path, self.accel, self.disk_if, memory_mb=self.memory_mb,
-                                qemu=self.qemu, cpu=self.cpu, debugcon_path=self.debugcon_path)
+                                qemu=self.qemu, cpu=self.cpu, debugcon_path=self.debugcon_path,
+                                serial_path=self.serial_path, extra=self.extra)
 
     def argv(self) -> list[str]:
-        """The whole command: sh -c RUN_SCRIPT with the limit, debugfs dir and QEMU argv."""
+        """The whole command: sh -c RUN_SCRIPT with the limit, debugfs dir, serial FIFO and QEMU argv."""
         return ["sh", "-c", RUN_SCRIPT, "sh", _secs(self.timeout_s), self.kvm_debugfs or "",
-                *self.qemu_argv()]
+                self.serial_path or "", *self.qemu_argv()]
 
     def run(self, runner: Runner) -> SmmBootResult:
         start = time.monotonic()
@@ -280,7 +332,8 @@ class SmmBootRun:
             status, detail = interpret_exit(code)
             if status == "error" and r.stderr.strip():
                 detail += ": " + r.stderr.strip().splitlines()[-1][:300]
-        return SmmBootResult(code, status, detail, wall, guest_s, stats, r.stdout, r.stderr)
+        return SmmBootResult(code, status, detail, wall, guest_s, stats, r.stdout, r.stderr,
+                             parse_serial(r.stdout) if self.serial_path else None)
 
 
 @dataclass
