@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -150,15 +151,35 @@ class KutSpec(_Strict):
     tap: bool = False               # parse -t (TAP 13) output instead of the plain lines; logs are read either way
 
 
-class SmmBootSpec(_Strict):
-    """The SMM-heavy boot: a nested SeaBIOS guest doing `reads` BIOS disk reads on q35,smm=on."""
+_SMM_GUEST_ONLY = {"bootsector": ("reads", "sectors_per_read", "spread_mb"), "linux": ("kernel", "init_message")}
 
+
+class SmmBootSpec(_Strict):
+    """The SMM-heavy boot: a nested SeaBIOS guest on q35,smm=on.
+
+    guest bootsector: a boot sector doing `reads` BIOS disk reads (the cheap case);
+    guest linux: GRUB loads a bzImage and a tiny initramfs through the BIOS (the case users
+    suffer from). `kernel` (linux): the guest's bzImage; default the run's first passing
+    baseline build. Fields of the other guest kind are errors, not silently ignored."""
+
+    guest: Literal["bootsector", "linux"] = "bootsector"
     reads: int = Field(default=200, ge=1, le=0xFFFF)
     sectors_per_read: int = Field(default=8, ge=1, le=127)
     spread_mb: int = Field(default=0, ge=0, le=512)     # MB the guest copies reads across (working set)
+    kernel: str | None = Field(default=None, min_length=1)   # linux: path of the guest's bzImage
+    init_message: str = Field(default="init reached", max_length=100, pattern=r"^[ -~]*$")  # linux: init's line
     disk: Literal["ahci", "ide"] = "ahci"               # ahci: SeaBIOS drives it from SMM; ide: control
     timeout_s: float = Field(default=120, gt=0)         # per nested boot
     probes: bool = True             # count SMM transitions and TDP MMU roots with tracefs on the host
+
+    @model_validator(mode="after")
+    def _fields_of_the_guest(self) -> "SmmBootSpec":
+        other = "linux" if self.guest == "bootsector" else "bootsector"
+        wrong = [f for f in _SMM_GUEST_ONLY[other] if f in self.model_fields_set]
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)}: only for guest {other}, not guest {self.guest}; "
+                             f"remove {'it' if len(wrong) == 1 else 'them'} or set guest: {other}")
+        return self
 
 
 class WorkloadsSpec(_Strict):
@@ -170,6 +191,10 @@ class WorkloadsSpec(_Strict):
 
     rounds: int = Field(default=1, ge=1, le=50)
     repetitions: int = Field(default=3, ge=1, le=1000)
+    # alternate: B then P in every round; random: each round's order drawn from a generator
+    # seeded with `seed` (a fixed order can alias with drift in the lab)
+    order: Literal["alternate", "random"] = "alternate"
+    seed: int = 1
     kvm_unit_tests: KutSpec | None = None
     smm_boot: SmmBootSpec | None = None
 
@@ -180,6 +205,86 @@ class WorkloadsSpec(_Strict):
         return self
 
 
+def _percent(v: Any) -> Any:
+    """A share as "2%" or as a fraction (0.02); a bare number above 1 is ambiguous (2 = 2%? 200%?)."""
+    if isinstance(v, str):
+        text = v.strip()
+        if not text.endswith("%"):
+            raise ValueError("expected a percentage like '2%' or a fraction like 0.02")
+        try:
+            return float(text[:-1]) / 100
+        except ValueError:
+            raise ValueError("expected a percentage like '2%' or a fraction like 0.02") from None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError("expected a percentage like '2%' or a fraction like 0.02")
+    if v > 1:
+        raise ValueError(f"a bare number is a fraction (0.02 = 2%): write '{v:g}%' if you mean {v:g} percent")
+    return float(v)
+
+
+Percent = Annotated[float, BeforeValidator(_percent), Field(ge=0)]
+
+
+class CompareSpec(_Strict):
+    """How baseline and patched are compared (kpatchtest/compare)."""
+
+    threshold: Percent = 0.02       # a metric changed only if its whole 95% CI lies beyond 1 +- this
+    reruns: int = Field(default=2, ge=0, le=20)     # reruns on both kernels before calling a regression
+    bootstrap: int = Field(default=10000, ge=1000, le=1_000_000)    # resamples
+    seed: int = Field(default=1, ge=0)              # the bootstrap's: a re-render gives the same numbers
+
+
+class MetricGate(_Strict):
+    """The largest change of one metric a run accepts: max_slowdown for times, max_increase for counts."""
+
+    max_slowdown: Percent | None = None
+    max_increase: Percent | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keys(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            raise ValueError("expected a mapping like {max_slowdown: 5%} or {max_increase: 0%}")
+        bad = [k for k in v if k not in cls.model_fields]
+        if bad:
+            raise ValueError(f"unknown key {bad[0]!r} (allowed: {', '.join(cls.model_fields)})")
+        if len(v) != 1:
+            raise ValueError("give one of max_slowdown, max_increase")
+        return v
+
+    @property
+    def key(self) -> str:
+        return "max_slowdown" if self.max_slowdown is not None else "max_increase"
+
+    @property
+    def limit(self) -> float:
+        return self.max_slowdown if self.max_slowdown is not None else self.max_increase  # type: ignore[return-value]
+
+
+def _known_metric(name: str) -> str:
+    from kpatchtest.compare.metrics import METRICS, metric_info
+    if metric_info(name) is None:
+        plain = sorted(n for n in METRICS if not n.startswith("kvm."))
+        raise ValueError(f"unknown metric {name!r} (known: {', '.join(plain)}, kvm.<counter>)")
+    return name
+
+
+def _check_metric_gates(v: dict[str, MetricGate]) -> dict[str, MetricGate]:
+    """A gate must make sense for its metric: a way to be worse, and a limit of its kind."""
+    from kpatchtest.compare.metrics import metric_info
+    for name, gate in v.items():
+        info = metric_info(name)
+        assert info is not None     # _known_metric checked the key
+        if info.direction == "none":
+            raise ValueError(f"metric {name!r} only describes the workload (no better or worse): it cannot be gated")
+        if gate.key == "max_slowdown" and not info.time:
+            raise ValueError(f"metric {name!r} is a count ({info.unit}), not a time: use max_increase")
+        if gate.key == "max_increase" and info.time:
+            raise ValueError(f"metric {name!r} is a time ({info.unit}): use max_slowdown")
+    return v
+
+
+RegressionsGate = Literal["none", "allow-flaky"]
 BuildGate = Literal["pass", "no-new-warnings"]
 BootGate = Literal["booted", "no-splats"]
 WorkloadGate = Literal["pass", "no-new-failures"]
@@ -193,6 +298,11 @@ class GatesSpec(_Strict):
     boot: BootGate | None = None    # booted: the patched kernel booted; no-splats: and logged no splat
     # pass: every patched workload passes (or skips); no-new-failures: none fails that passed on baseline
     workloads: WorkloadGate | None = None
+    # none: no regression, no new splat, no test that failed on patched only in some rounds;
+    # allow-flaky: flaky tests do not fail the gate
+    regressions: RegressionsGate | None = None
+    metrics: Annotated[dict[Annotated[str, AfterValidator(_known_metric)], MetricGate],
+                       AfterValidator(_check_metric_gates)] = Field(default_factory=dict)
 
     def apply_level(self, branch: str) -> str | None:
         if isinstance(self.apply, dict):
@@ -238,6 +348,7 @@ class Spec(_Strict):
     build: BuildSpec = Field(default_factory=BuildSpec)
     lab: LabRef | None = None       # no lab: no boot stage
     workloads: WorkloadsSpec | None = None  # no workloads: boots only
+    compare: CompareSpec = Field(default_factory=CompareSpec)
 
     @property
     def sources(self) -> list[Source]:
