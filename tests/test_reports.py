@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,16 @@ from kpatchtest.gitutil import Git
 from kpatchtest.report import junit, summary, write_all
 from kpatchtest.results import SCHEMA_VERSION, BranchResult, RunResult, load
 from tests.kernelhist import build
+
+
+XSD = Path(__file__).parent / "data" / "junit-10.xsd"
+
+
+def assert_junit_10(path: Path) -> None:
+    """Valid against the junit-10.xsd of Jenkins' xUnit plugin (a copy in tests/data)."""
+    xmlschema = pytest.importorskip("xmlschema", reason="pip install -e '.[test]'")
+    errors = [f"{e.path}: {e.reason}" for e in xmlschema.XMLSchema(str(XSD)).iter_errors(str(path))]
+    assert not errors, errors[:5]
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +46,15 @@ def test_junit_is_what_jenkins_reads(result, tmp_path):
     r, _ = result
     path = tmp_path / "junit.xml"
     path.write_text(junit.render(r))
+    assert_junit_10(path)
     root = ET.parse(path).getroot()
+    assert "disabled" not in path.read_text()
     suites = {s.get("name"): s for s in root.iter("testsuite")}
     assert set(suites) == {"linux-1.0.y", "linux-9.9.y"}
     cases = suites["linux-1.0.y"].findall("testcase")
+    # Jenkins splits a classname at its last dot: package = stage, class = branch, dots escaped
+    assert {c.get("classname") for c in cases} == {"apply.linux-1_0_y"}
+    assert suites["linux-1.0.y"].find("testcase").get("classname").rsplit(".", 1) == ["apply", "linux-1_0_y"]
     assert len(cases) == 4
     failure = cases[1].find("failure")
     assert failure is not None and "tdp_mmu.c (1 hunks)" in failure.get("message")
@@ -192,11 +208,17 @@ def test_junit_workloads_statuses_properties_and_log_tail(workloads_run, tmp_pat
     r, run_dir = workloads_run
     path = tmp_path / "junit.xml"
     path.write_text(junit.render(r, run_dir))
+    assert_junit_10(path)
     suites = {s.get("name"): s for s in ET.parse(path).getroot().iter("testsuite")}
     cases = {c.get("name"): c for c in suites["linux-6.1.y"].findall("testcase")}
     assert "boot patched on lab1 round 2" in cases          # boots of two rounds keep distinct names
-    work = {n: c for n, c in cases.items() if c.get("classname") == "workloads.linux-6.1.y"}
+    # a suite per workload run, its records as testcases, its metrics as the suite's properties
+    runs = {n: s for n, s in suites.items() if n.startswith("linux-6.1.y workloads ")}
+    assert sorted(runs) == [f"linux-6.1.y workloads {b} on lab1 round {n}" for b in ("baseline", "patched")
+                            for n in (1, 2)]
+    work = {c.get("name"): c for s in runs.values() for c in s.findall("testcase")}
     assert len(work) == 4 * 7                               # a testcase per record, per run
+    assert {c.get("classname") for c in work.values()} == {"workloads.linux-6_1_y"}
     smp = work["kvm-unit-tests/smptest patched on lab1 round 1"]
     assert smp.find("failure").get("message") == "2 unexpected failures"
     out = smp.find("system-out").text
@@ -210,15 +232,18 @@ def test_junit_workloads_statuses_properties_and_log_tail(workloads_run, tmp_pat
     assert work["kvm-unit-tests/smptest patched on lab1 round 2"].find("failure") is None
     smm = work["smm-boot patched on lab1 round 1"]
     assert smm.find("failure") is None and smm.find("error") is None
-    props = {p.get("name"): p.get("value") for p in smm.findall("properties/property")}
-    assert props["smm_transitions.events.1"] == "806" and props["root_allocs.roots.3"] == "3"
-    assert props["root_puts.calls.2"] == "n/a" and props["root_puts.available"] == "false"
-    assert props["tdp_pages_allocated.pages.2"] == "n/a"
-    assert props["root_allocs.probe"] == "kprobe:tdp_mmu_alloc_sp"
+    assert smm.find("properties") is None                   # junit-10.xsd has no testcase properties
+    props = {p.get("name"): p.get("value")
+             for p in runs["linux-6.1.y workloads patched on lab1 round 1"].findall("properties/property")}
+    assert props["smm-boot.smm_transitions.events.1"] == "806" and props["smm-boot.root_allocs.roots.3"] == "3"
+    assert props["smm-boot.root_puts.calls.2"] == "n/a" and props["smm-boot.root_puts.available"] == "false"
+    assert props["smm-boot.tdp_pages_allocated.pages.2"] == "n/a"
+    assert props["smm-boot.root_allocs.probe"] == "kprobe:tdp_mmu_alloc_sp"
+    assert props["kvm-unit-tests/vmexit_cpuid.cycles.cycles.1"] == "1250"
+    assert props["branch"] == "linux-6.1.y" and props["round"] == "1" and props["build"] == "patched"
     assert "nested boot done" in smm.find("system-out").text
-    assert work["kvm-unit-tests/emulator baseline on lab1 round 1"].find("properties") is None
     # the branch whose workloads could not run: one error testcase
-    [err] = suites["linux-6.12.y"].findall("testcase")
+    [err] = suites["linux-6.12.y workloads patched on lab1 round 1"].findall("testcase")
     assert err.get("name") == "workloads patched on lab1" and "no x86/ tests" in err.find("error").get("message")
     [gate] = suites["gates"].findall("testcase")
     assert gate.get("name") == "workloads linux-6.1.y" and gate.find("failure") is not None

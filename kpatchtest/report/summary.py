@@ -1,4 +1,6 @@
-"""summary.md: the patches x branches matrix, prerequisite hints, builds, boots and workloads, for a mail reply.
+"""summary.md: a reply to the series' cover letter. The reply headers b4 would write, then
+"What changed" (regressions and significant metric changes, from the compare stage), then
+the patches x branches matrix, prerequisite hints, builds, boots and workloads.
 
 Plain ASCII, columns padded, so it reads the same in a mail client as rendered.
 """
@@ -17,6 +19,7 @@ from kpatchtest.report.cells import (
     patch_rows,
     prerequisite_notes,
 )
+from kpatchtest.report.compare_cells import reply_headers, what_changed
 from kpatchtest.report.workload_cells import workload_notes, workload_rows
 from kpatchtest.results import RunResult
 
@@ -35,7 +38,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def render(result: RunResult) -> str:
     s = result.series
     title = s.title if s else result.name
-    out = [f"kpatchtest: {title}" + (f" (v{s.version})" if s and s.version else ""), ""]
+    headers = reply_headers(s)
+    out = [_ascii(line) for line in headers] + [""] if headers else []
+    changed = what_changed(result)
+    out += [_ascii(line) for line in changed] + [""] if changed else []
+    out += [f"kpatchtest: {title}" + (f" (v{s.version})" if s and s.version else ""), ""]
     if s:
         out.append(f"Series: {len(s.patches)} patch(es) from {', '.join(s.sources)}")
         if s.title_note:

@@ -59,8 +59,10 @@ def max_round(b: BranchResult) -> int:
 
 
 def run_label(run: WorkloadRun, rounds: bool) -> str:
-    """'patched on lab1' or, when the branch booted builds more than once, 'patched on lab1 round 2'."""
-    return f"{run.build} on {run.host}" + (f" round {run.round}" if rounds else "")
+    """'patched on lab1' or, when the branch booted builds more than once, 'patched on lab1 round 2'
+    ('... round 2 rerun 1' for the compare stage's reruns of that round)."""
+    return f"{run.build} on {run.host}" + (f" round {run.round}" if rounds or run.rerun else "") + (
+        f" rerun {run.rerun}" if run.rerun else "")
 
 
 def record_label(rec: WorkloadRecord) -> str:
