@@ -18,8 +18,9 @@ Should that write return (no isa-debug-exit device, no /dev/port), init exits: t
 panics, `panic=-1` resets, and QEMU's `-no-reboot` ends the run with status 0 (an error).
 
 Phases, from the serial console timestamped on the lab host (see smm.RUN_SCRIPT):
-firmware (QEMU start -> GRUB's first line), bootloader (-> the kernel's first line),
-kernel (-> init's line), init (-> QEMU's exit).
+firmware (QEMU start -> GRUB's first line), bootloader (GRUB loads the kernel and initrd
+through int 13h, i.e. SMM -> GRUB's `boot` line), decompress (-> the kernel's first
+line), kernel (-> init's line), init (-> QEMU's exit).
 """
 
 from __future__ import annotations
@@ -48,7 +49,14 @@ INIT_PREFIX = "kpt-init: "
 GRUB_OWN = re.compile(r"^(error:|Entering rescue mode|grub rescue>)")
 CMDLINE = "console=ttyS0,115200 earlyprintk=serial,ttyS0,115200 loglevel=6 panic=-1 rdinit=/init"
 GUEST_MEMORY_MB = 256
-PHASES = ("firmware", "bootloader", "kernel", "init")
+# decompress: GRUB's `boot` -> the kernel's first line (its setup code and decompressor
+# print nothing without CONFIG_X86_VERBOSE_BOOTUP)
+PHASES = ("firmware", "bootloader", "decompress", "kernel", "init")
+PHASE_NOTES = {"firmware": "QEMU start (SeaBIOS) to GRUB's first line",
+               "bootloader": "GRUB's first line to its `boot` (kernel + initrd read through int 13h)",
+               "decompress": "GRUB's `boot` to the kernel's first line (setup code, decompression)",
+               "kernel": "the kernel's first line to init's line",
+               "init": "init's line to QEMU's exit (isa-debug-exit)"}
 # Bump when the image layout changes: part of the cache key.
 LAYOUT_VERSION = "1"
 
@@ -264,19 +272,19 @@ def clean_line(text: str) -> str:
 
 def phases(t0: float, t1: float | None, lines: list[tuple[float, str]]) -> Phases:
     """(uptime, line) pairs of the serial console -> phase starts. The firmware phase
-    starts with QEMU (t0); the bootloader with GRUB's first line; the kernel with the
-    first line after GRUB's `boot` that is not GRUB's own; init with init's line."""
+    starts with QEMU (t0); the bootloader with GRUB's first line; decompress with GRUB's
+    line before `boot`; the kernel with the next line that is not GRUB's own (a `boot`
+    that failed prints errors and a rescue prompt); init with init's line."""
     starts = {"firmware": t0}
-    booted = False
     for t, raw in lines:
         line = clean_line(raw)
         if not line:
             continue
         if "bootloader" not in starts and GRUB_START in line:
             starts["bootloader"] = t
-        elif "bootloader" in starts and not booted and GRUB_BOOT in line:
-            booted = True
-        elif booted and "kernel" not in starts and not GRUB_OWN.match(line):
+        elif "bootloader" in starts and "decompress" not in starts and GRUB_BOOT in line:
+            starts["decompress"] = t
+        elif "decompress" in starts and "kernel" not in starts and not GRUB_OWN.match(line):
             starts["kernel"] = t
         if "kernel" in starts and "init" not in starts and line.startswith(INIT_PREFIX):
             starts["init"] = t

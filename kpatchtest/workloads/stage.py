@@ -14,7 +14,7 @@ from kpatchtest.apply.engine import slug
 from kpatchtest.errors import KpatchtestError
 from kpatchtest.lab.ssh.connection import HostConnection
 from kpatchtest.lab.ssh.inventory import HostSpec
-from kpatchtest.results import BootResult, BranchResult, WorkloadRun
+from kpatchtest.results import BootResult, BranchResult, RunResult, WorkloadRun
 from kpatchtest.spec import WorkloadsSpec
 from kpatchtest.workloads import kut
 from kpatchtest.workloads.record import WorkloadRecord
@@ -39,8 +39,9 @@ class Workloads:
         self.kut_error = ""
         self.smm_image: Path | None = None
 
-    def prepare(self) -> None:
-        """Build kvm-unit-tests once (cached by source, arch and compiler); write the boot image.
+    def prepare(self, result: RunResult | None = None) -> None:
+        """Build kvm-unit-tests once (cached by source, arch and compiler); write the boot image
+        (guest linux: of smm_boot.kernel, else of `result`'s first passing baseline build).
 
         A kvm-unit-tests source that cannot be had is reported on every run's records,
         not raised: the SMM boot and the boots themselves still have something to say."""
@@ -55,7 +56,9 @@ class Workloads:
                 self.kut_error = str(e)
                 self.log(f"kvm-unit-tests: {e}")
         if self.spec.smm_boot is not None:
-            self.smm_image = image_for(self.spec.smm_boot, self.run_dir / "workloads")
+            from kpatchtest.boot.stage import _first_baseline
+            guest_kernel = _first_baseline(result, self.run_dir) if result is not None else None
+            self.smm_image = image_for(self.spec.smm_boot, self.run_dir / "workloads", guest_kernel)
 
     # -- boot_stage.AfterBoot -----------------------------------------------------------
     def run(self, host: HostSpec, branch: BranchResult, boot: BootResult) -> None:
