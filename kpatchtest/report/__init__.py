@@ -23,6 +23,7 @@ def write_all(result: RunResult, out: Path, run_dir: Path | None = None, *,
     files["junit.xml"] = junit.render(result, run_dir if run_dir is not None else out)
     files["summary.md"] = summary.render(result)
     files["report.html"] = html.render(result)
+    files[html.CSS_NAME] = html.CSS            # report.html's styles: Jenkins' CSP blocks inline ones
     if with_results:
         files["results.json"] = result.model_dump_json(indent=2) + "\n"
     for name, data in files.items():

@@ -8,6 +8,11 @@ or, for records without a group, the record's name (the SMM-heavy boot).
 Metrics: the median over every repetition of every round and host; a value that is None
 was not measured and is left out, never counted as 0. No value at all reads "n/a" with
 the reason the record or the run's probe table gives.
+
+When the branch has a comparison (BranchResult.compare, schema 6), metric lines and the
+regression/flaky tags come from it, not from pooling here: the compare stage's medians,
+ratio, CI and verdict per host. Results without one (older results.json) keep the pooled
+view. The compare stage's rerun boots are in its counts, not in the pooled sides.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from kpatchtest.compare.model import BranchComparison
 from kpatchtest.results import BranchResult, RunResult, WorkloadRun
 from kpatchtest.workloads.record import WorkloadRecord
 
@@ -109,9 +115,11 @@ class BadEntry:
     of: int             # runs it appeared in on this build
     detail: str
     new: bool = False   # it never went wrong on baseline (patched only)
+    verdict: str = ""   # the compare stage's (regression, flaky, ...), when the branch has one
 
     def tag(self) -> str:
-        bits = (["new"] if self.new else []) + ([f"{self.runs} of {self.of} runs"] if self.runs < self.of else [])
+        first = [self.verdict] if self.verdict in ("regression", "flaky") else ["new"] if self.new else []
+        bits = first + ([f"{self.runs} of {self.of} runs"] if self.runs < self.of else [])
         return f" ({', '.join(bits)})" if bits else ""
 
 
@@ -139,15 +147,19 @@ class Side:
             if probe and m.available and probe not in agg.probes:
                 agg.probes.append(probe)
 
-    def bad(self, baseline: "Side | None" = None) -> list[BadEntry]:
+    def bad(self, baseline: "Side | None" = None, verdicts: dict[str, str] | None = None) -> list[BadEntry]:
+        """verdicts: record name -> the compare stage's verdict; it replaces the pooled 'new'."""
         out = []
         for status in BAD:
             for name, seen in self.statuses.items():
                 if status in seen:
                     base = baseline.statuses.get(name) if baseline else None
                     new = base is not None and not any(s in BAD for s in base)
+                    if verdicts is not None:
+                        new = False
                     out.append(BadEntry(name, status, seen.count(status), len(seen),
-                                        self.details.get((name, status), ""), new))
+                                        self.details.get((name, status), ""), new,
+                                        (verdicts or {}).get(name, "")))
         return out
 
 
@@ -166,9 +178,12 @@ class WorkloadLine:
     def metric_label(self, key: tuple[str, str]) -> str:
         return key[1] if self.single else f"{key[0]} {key[1]}"
 
-    def bad(self, build: str) -> list[BadEntry]:
+    def bad(self, build: str, verdicts: dict[str, str] | None = None) -> list[BadEntry]:
         side = self.sides.get(build)
-        return side.bad(self.sides.get("baseline") if build == "patched" else None) if side else []
+        if not side:
+            return []
+        return side.bad(self.sides.get("baseline") if build == "patched" else None,
+                        verdicts if build == "patched" else None)
 
 
 @dataclass
@@ -179,13 +194,29 @@ class BranchWorkloads:
     rounds: int
     hosts: list[str]
     repetitions: list[int]
+    compare: BranchComparison | None = None
+    reruns: int = 0                     # rerun boots (compare), not pooled
 
     def header(self) -> str:
         which = " -> ".join(self.builds) if len(self.builds) > 1 else f"{self.builds[0]} only"
         reps = "-".join(str(r) for r in sorted({min(self.repetitions), max(self.repetitions)}))
         where = f"{self.rounds} round{'s' if self.rounds > 1 else ''} on {', '.join(self.hosts)}"
         reps += " repetitions" if max(self.repetitions) > 1 else " repetition"
-        return f"workloads, {which} ({where}, {reps} each; metrics are medians)"
+        how = "metrics: the compare stage's medians and ratios" if self.compare else "metrics are medians"
+        more = f", {self.reruns} rerun boot(s)" if self.reruns else ""
+        return f"workloads, {which} ({where}, {reps} each{more}; {how})"
+
+    def verdicts(self) -> dict[str, str] | None:
+        """Record name -> its compare verdict (a regression on any host wins, then flaky)."""
+        if self.compare is None:
+            return None
+        rank = {"regression": 0, "flaky": 1}
+        out: dict[str, str] = {}
+        for t in self.compare.tests:
+            old = out.get(t.name)
+            if old is None or rank.get(t.verdict, 9) < rank.get(old, 9):
+                out[t.name] = t.verdict
+        return out
 
 
 def branch_workloads(b: BranchResult) -> BranchWorkloads | None:
@@ -195,6 +226,8 @@ def branch_workloads(b: BranchResult) -> BranchWorkloads | None:
     lines: dict[str, WorkloadLine] = {}
     errors = []
     for run in sorted(b.workloads, key=lambda r: BUILDS.index(r.build)):   # stable: rounds stay in order
+        if run.rerun:
+            continue
         if run.error:
             why = oneline(run.error)
             errors.append(f"{run_label(run, rounds)}: " + ("" if "not run" in why else "not run: ") + why)
@@ -210,7 +243,8 @@ def branch_workloads(b: BranchResult) -> BranchWorkloads | None:
     return BranchWorkloads(builds=[x for x in BUILDS if any(r.build == x for r in b.workloads)],
                            lines=list(lines.values()), errors=errors, rounds=max_round(b),
                            hosts=sorted({r.host for r in b.workloads}),
-                           repetitions=[r.repetitions for r in b.workloads])
+                           repetitions=[r.repetitions for r in b.workloads], compare=b.compare,
+                           reruns=sum(1 for r in b.workloads if r.rerun))
 
 
 def side_by_side(texts: list[str]) -> str:
@@ -218,7 +252,12 @@ def side_by_side(texts: list[str]) -> str:
 
 
 def metric_text(bw: BranchWorkloads, line: WorkloadLine, key: tuple[str, str]) -> str:
-    """'806 -> 806 events', 'n/a (unavailable: x) -> 3 roots', 'n/a -> n/a (unavailable: x)'."""
+    """'806 -> 806 events', 'n/a (unavailable: x) -> 3 roots', 'n/a -> n/a (unavailable: x)';
+    with a comparison: '811 -> 3 roots, ratio 0.004 [0.003, 0.004]: less' per host."""
+    if bw.compare is not None:
+        compared = [m for m in bw.compare.metrics if (m.workload, m.name) == key]
+        if compared:
+            return "; ".join(_compared_text(m, len(bw.hosts) > 1) for m in compared)
     aggs = [line.sides[x].metrics.get(key) if x in line.sides else None for x in bw.builds]
     present = [a for a in aggs if a is not None]
     if len(bw.builds) == 1:
@@ -231,14 +270,23 @@ def metric_text(bw: BranchWorkloads, line: WorkloadLine, key: tuple[str, str]) -
     return side_by_side([a.text() if a else "-" for a in aggs])
 
 
+def _compared_text(m, with_host: bool) -> str:
+    from kpatchtest.report.compare_cells import ratio_text     # compare_cells builds on this module
+    where = f"{m.host}: " if with_host else ""
+    if m.verdict == "n/a" or m.baseline_median is None or m.patched_median is None:
+        return f"{where}n/a ({m.why or 'not measured on both kernels'})"
+    unit = f" {m.unit}" if m.unit else ""
+    return f"{where}{fmt_value(m.baseline_median)} -> {fmt_value(m.patched_median)}{unit}, {ratio_text(m)}: {m.verdict}"
+
+
 def status_text(bw: BranchWorkloads, line: WorkloadLine, loud: bool = False) -> str:
     return side_by_side([counts_text(line.sides[x].counts, loud) if x in line.sides else "-" for x in bw.builds])
 
 
-def bad_text(line: WorkloadLine, build: str) -> str:
+def bad_text(line: WorkloadLine, build: str, verdicts: dict[str, str] | None = None) -> str:
     """'fail: emulator, smptest (new); timeout: vmx (1 of 2 runs)'; the SMM boot: its detail."""
     by_status: dict[str, list[BadEntry]] = {}
-    for e in line.bad(build):
+    for e in line.bad(build, verdicts):
         by_status.setdefault(e.status, []).append(e)
     parts = []
     for status, entries in by_status.items():
@@ -262,7 +310,7 @@ def workload_notes(b: BranchResult) -> list[str]:
     for line in bw.lines:
         out.append(f"  {line.key}: {status_text(bw, line)}")
         for build in bw.builds:
-            text = bad_text(line, build)
+            text = bad_text(line, build, bw.verdicts())
             if text:
                 out.append(f"    {build} {text}")
         out += [f"    {line.metric_label(k)}: {metric_text(bw, line, k)}" for k in line.metric_keys]
