@@ -7,6 +7,9 @@ the way git itself does, whether a string is a URL or a local path, and refuses 
 git must not be handed. Callers still put `--` before such arguments, and every git we
 run carries GIT_ALLOW_PROTOCOL: the allow-list holds even where a URL is rewritten
 (`url.*.insteadOf`) or redirected.
+
+Every other question of "is this a URL" is answered here too: `is_web_url` (a lore link
+given as a message-id), `find_origin` (the mirror named in a tool's error).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ GIT_PROTOCOL_ENV = {"GIT_ALLOW_PROTOCOL": ":".join(ALLOWED_SCHEMES)}
 _SCHEME = re.compile(r"^([A-Za-z0-9][A-Za-z0-9+.-]*)://")     # git's is_url
 _HELPER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9+.-]*::")     # git's transport::address
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ORIGIN = re.compile(r"https?://[^/\s:]+(:\d+)?")
 
 
 def _scp_like(s: str) -> bool:
@@ -34,6 +38,23 @@ def _scp_like(s: str) -> bool:
 def is_url(s: str) -> bool:
     """Would git take `s` as a remote rather than a local path?"""
     return bool(_SCHEME.match(s) or _HELPER.match(s) or _scp_like(s))
+
+
+def scheme(s: str) -> str | None:
+    """The scheme of a `scheme://...` string, lowercased ("https" for "HTTPS://x"), else None."""
+    m = _SCHEME.match(s)
+    return m.group(1).lower() if m else None
+
+
+def is_web_url(s: str) -> bool:
+    """Is `s` an http:// or https:// URL (a lore link, say), whatever the case of its scheme?"""
+    return scheme(s) in ("http", "https")
+
+
+def find_origin(text: str) -> str | None:
+    """The first `http(s)://host[:port]` in free text (a tool's log line), or None."""
+    m = _ORIGIN.search(text)
+    return m.group(0) if m else None
 
 
 def repo_problem(s: str) -> str | None:

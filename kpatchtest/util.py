@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import secrets
+from datetime import datetime, timezone
 from pathlib import Path
 
 from kpatchtest.errors import InputError
@@ -19,6 +21,27 @@ def user_path(p: str | os.PathLike) -> Path:
     Resolved once, at the edge (CLI, spec, environment): git runs with ``-C <cache repo>``
     and b4 in its own cwd, so a relative path handed to either would land somewhere else."""
     return Path(os.path.abspath(os.path.expanduser(os.fspath(p))))
+
+
+def utcnow() -> str:
+    """Now in UTC, ISO 8601 to the second ("2026-12-02T00:30:32+00:00"): the one clock
+    of records and cache entries, so they sort and compare as text."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def sha256_text(data: str | bytes) -> str:
+    """The hex sha256 of `data` (a str as UTF-8): the one spelling of a content key."""
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file, read 1 MiB at a time (a kernel tarball is 200 MB).
+    OSError is the caller's to turn into a message that names the file's role."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def output_error(path: Path, e: OSError) -> InputError | None:

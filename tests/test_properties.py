@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
-import json
 import tempfile
 from pathlib import Path
 
@@ -21,7 +20,9 @@ from hypothesis import strategies as st
 from kpatchtest.cli import main
 from kpatchtest.diffparse import diff_size, parse_diff
 from kpatchtest.errors import FetchError, InputError
-from kpatchtest.fetch import stage as S
+from kpatchtest.fetch import b4, cache, mail
+from kpatchtest.fetch.sources import MboxSource
+from kpatchtest.fetch.stage import FetchOptions, fetch_series
 from kpatchtest.spec import LoadedSpec, parse_spec
 
 FEW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -188,7 +189,7 @@ def test_parse_diff_gives_files_and_hunks(diff):
 @given(st.lists(DIFF_LINE, max_size=10).map("\n".join), DIFF | CLEAN_DIFF)
 @example("", f"--- a/x\n+++ b/x\n@@ -1 +1,{HUGE} @@\n")
 def test_a_body_splits_into_message_and_diff(message, diff):
-    msg, d = S._split_body(message + "\n---\n" + diff)
+    msg, d = mail.split_body(message + "\n---\n" + diff)
     assert msg == "" or msg.endswith("\n")
     assert d == "" or (d.endswith("\n") and d.startswith(("diff --git ", "--- ")))
 
@@ -251,23 +252,22 @@ def one_line_or_ok(fn, *args):
 @example([b"Message-Id: <\n\n---\n"], None, "", True)      # Python's header parser: IndexError
 @example([b"Content-Type: text/plain; charset=idna\n\n---\n"], None, "", True)   # no "replace" in idna
 def test_a_b4_output_dir_is_patches_or_one_line(patches, cover, log, count_right):
-    """What _load_entry reads is b4's rewrite of mails anyone could have sent."""
+    """What cache.load reads is b4's rewrite of mails anyone could have sent."""
     with tempfile.TemporaryDirectory() as d:
         entry = Path(d)
-        new = entry / f"{S._NAME}.maildir" / "new"
+        new = entry / f"{b4.NAME}.maildir" / "new"
         new.mkdir(parents=True)
         for i, raw in enumerate(patches):
             (new / f"{i:04d}").write_bytes(raw)
-            mid = S._msgid(S._read_mail(new / f"{i:04d}"))
+            mid = mail.msgid(mail.read_mail(new / f"{i:04d}"))
             if mid:
-                S._keep_sent(entry, mid, [raw])
+                mail.keep_sent(entry, mid, [raw])
         if cover is not None:
-            (entry / f"{S._NAME}.cover").write_bytes(cover)
-        opts = S.FetchOptions(cache_dir=entry)
-        meta = S._b4_meta(log, opts, kind="mbox")
+            b4.cover_file(entry).write_bytes(cover)
+        meta = b4.summary(log, "softfail")
         meta["total"] = len(patches) if count_right else meta["total"]
-        (entry / "meta.json").write_text(json.dumps(meta))
-        got = one_line_or_ok(S._load_entry, entry, "mbox x")
+        cache.write_meta(entry, meta, kind="mbox")
+        got = one_line_or_ok(cache.load, entry, "mbox x")
         if got is not None:
             assert got.patches and all(p.diff for p in got.patches)
 
@@ -277,8 +277,8 @@ def test_a_b4_output_dir_is_patches_or_one_line(patches, cover, log, count_right
 @example("Traceback (most recent call last):\n  File \"b4\", line 1\nIndexError: x", 1)   # b4 crashed
 def test_a_b4_log_is_usable_or_one_line(log, rc):
     with tempfile.TemporaryDirectory() as d:
-        one_line_or_ok(S._check_b4_result, rc, log, Path(d), "mbox x")
-    for _subject, status, _detail in S._parse_attestation(log, "softfail"):
+        one_line_or_ok(b4.check_result, rc, log, Path(d), "mbox x")
+    for _subject, status, _detail in b4.parse_attestation(log, "softfail"):
         assert status in ("pass", "fail", "none")
 
 
@@ -297,21 +297,21 @@ def test_an_mbox_gets_message_ids_and_splits(data):
         f.write_bytes(data)
         out = Path(d) / "out"
         out.mkdir()
-        assert one_line_or_ok(S._with_message_ids, f, data, out) is not None
-    assert all(isinstance(m, bytes) for m in S._split_mboxrd(data))
+        assert one_line_or_ok(mail.with_message_ids, f, data, out) is not None
+    assert all(isinstance(m, bytes) for m in mail.split_mboxrd(data))
 
 
 @MANY
 @given(HEADER, HEADER, TEXT)
 @example("https://[x@y/", f"[PATCH v{HUGE}] x", "")    # urlparse: "Invalid IPv6 URL"; int() of 5000 digits
 def test_msgids_subjects_and_covers(raw, subject, text):
-    assert isinstance(S._clean_msgid(raw), str)
-    assert isinstance(S._clean_msgid("https://lore.kernel.org/all/" + raw), str)
-    assert isinstance(S._strip_prefix(subject), str)
-    v = S._subject_version(subject)
+    assert isinstance(mail.clean_msgid(raw), str)
+    assert isinstance(mail.clean_msgid("https://lore.kernel.org/all/" + raw), str)
+    assert isinstance(mail.strip_prefix(subject), str)
+    v = mail.subject_version(subject)
     assert v is None or v >= 0
-    S._cover_title(subject, text, "first")
-    assert S._cut_cover_signature(text).endswith("\n")
+    mail.cover_title(subject, text, "first")
+    assert mail.cut_cover_signature(text).endswith("\n")
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -321,7 +321,7 @@ def test_an_mbox_through_b4_is_a_series_or_one_line(raws):
     with tempfile.TemporaryDirectory() as d:
         f = Path(d) / "in.mbox"
         f.write_bytes(b"".join(b"From x Mon Sep 17 00:00:00 2001\n" + r + b"\n" for r in raws))
-        opts = S.FetchOptions(cache_dir=Path(d) / "cache", offline=True)
-        got = one_line_or_ok(S.fetch_series, [S.MboxSource(mbox=str(f))], opts)
+        opts = FetchOptions(cache_dir=Path(d) / "cache", offline=True)
+        got = one_line_or_ok(fetch_series, [MboxSource(mbox=str(f))], opts)
         if got is not None:
             assert got.patches

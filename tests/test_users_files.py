@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kpatchtest.cli import main
-from kpatchtest.fetch.stage import _b4_env
+from kpatchtest.fetch.b4 import b4_env
 from tests.kernelhist import build
 
 GITCONFIG = "[b4]\n\tcache-expire = 10\n"     # the user's own global config: read, never written
@@ -92,7 +92,7 @@ def test_b4_reads_the_users_git_config_and_keyring_but_writes_neither(tmp_path, 
     for var in ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "GIT_CONFIG_GLOBAL", "GNUPGHOME"):
         monkeypatch.delenv(var, raising=False)
     before = snapshot(home)
-    env = _b4_env(scratch)
+    env = b4_env(scratch)
 
     def git(*args):
         return subprocess.run(["git", "config", *args], env=env, cwd=scratch, capture_output=True,
