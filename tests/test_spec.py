@@ -46,7 +46,7 @@ def test_good_spec_resolves_paths_relative_to_the_spec(tmp_path):
     (GOOD.replace("  - msgid: abc@example.org\n    version: 3\n", "  - foo: 1\n"),
      "s.yaml:3: series[0]: expected a mapping with one of msgid:, mbox:, commits:; found {'foo': 1}"),
     (GOOD.replace("default: clean", "default: cleen"), "s.yaml:13: gates.apply.default: input should be 'clean', 'three-way', 'partial' or 'any'; found 'cleen'"),
-    (GOOD + "workload: []\n", "s.yaml:14: workload: unknown key (allowed: apply, build, configs, fetch, gates"),
+    (GOOD + "workload: []\n", "s.yaml:14: workload: unknown key (allowed: apply, build, compare, configs, fetch, gates"),
     (GOOD.replace("name: x\n", ""), "s.yaml: name: required key is missing"),
     ("name: x\nseries: [\n", "s.yaml:3: malformed YAML"),
     ("- just a list\n", "s.yaml:1: expected a mapping at the top level; found CommentedSeq"),
@@ -98,3 +98,48 @@ def test_shipped_real_series_name_the_seed_message_ids():
     cr0 = load_spec(ROOT / "series/cr0-wp.yaml").spec
     assert [s.msgid for s in cr0.sources] == ["20230322013731.102955-1-minipli@grsecurity.net",
                                               "20230405002608.418442-1-seanjc@google.com"]
+
+
+def test_compare_and_gates_sections(tmp_path):
+    text = GOOD + ("  regressions: allow-flaky\n  metrics:\n    wall_time: {max_slowdown: 5%}\n"
+                   "    root_allocs: {max_increase: 0%}\n    kvm.pf_fixed: {max_increase: 0.1}\n"
+                   "compare: {threshold: 3.5%, reruns: 1, bootstrap: 5000, seed: 7}\n"
+                   "workloads: {smm_boot: {}, order: random, seed: 3}\n")
+    s = parse_spec(text, tmp_path / "s.yaml").spec
+    assert (s.compare.threshold, s.compare.reruns, s.compare.bootstrap, s.compare.seed) == (0.035, 1, 5000, 7)
+    assert (s.workloads.order, s.workloads.seed) == ("random", 3)
+    g = s.gates.metrics
+    assert s.gates.regressions == "allow-flaky"
+    assert [(n, m.key, m.limit) for n, m in g.items()] == [
+        ("wall_time", "max_slowdown", 0.05), ("root_allocs", "max_increase", 0.0), ("kvm.pf_fixed", "max_increase", 0.1)]
+    d = parse_spec(GOOD, tmp_path / "s.yaml").spec
+    assert (d.compare.threshold, d.compare.reruns, d.compare.bootstrap, d.compare.seed) == (0.02, 2, 10000, 1)
+
+
+METRIC_GATES = GOOD + "  metrics:\n    %s\n"
+
+
+@pytest.mark.parametrize("text, expected", [
+    (METRIC_GATES % "wal_time: {max_slowdown: 5%}", "s.yaml:15: gates.metrics.wal_time: unknown metric 'wal_time' (known: cycles"),
+    (METRIC_GATES % "wall_time: {max_slowdonw: 5%}", "s.yaml:15: gates.metrics.wall_time: unknown key 'max_slowdonw' (allowed: max_slowdown, max_increase)"),
+    (METRIC_GATES % "wall_time: {max_increase: 5%}", "gates.metrics: metric 'wall_time' is a time (s): use max_slowdown"),
+    (METRIC_GATES % "root_allocs: {max_slowdown: 5%}", "gates.metrics: metric 'root_allocs' is a count (roots), not a time: use max_increase"),
+    (METRIC_GATES % "smm_transitions: {max_increase: 5%}", "metric 'smm_transitions' only describes the workload"),
+    (METRIC_GATES % "wall_time: {max_slowdown: 5}", "gates.metrics.wall_time.max_slowdown: a bare number is a fraction (0.02 = 2%): write '5%'"),
+    (METRIC_GATES % "wall_time: {max_slowdown: fast}", "gates.metrics.wall_time.max_slowdown: expected a percentage like '2%'"),
+    (METRIC_GATES % "wall_time: {max_slowdown: -1%}", "gates.metrics.wall_time.max_slowdown: input should be greater than or equal to 0"),
+    (METRIC_GATES % "wall_time: {}", "gates.metrics.wall_time: give one of max_slowdown, max_increase"),
+    (METRIC_GATES % "wall_time: 5%", "gates.metrics.wall_time: expected a mapping like {max_slowdown: 5%}"),
+    (GOOD + "  regressions: some\n", "s.yaml:14: gates.regressions: input should be 'none' or 'allow-flaky'"),
+    (GOOD + "compare: {treshold: 2%}\n", "s.yaml:14: compare.treshold: unknown key (allowed: bootstrap, reruns, seed, threshold)"),
+    (GOOD + "compare: {threshold: 2}\n", "compare.threshold: a bare number is a fraction"),
+    (GOOD + "compare: {threshold: true}\n", "compare.threshold: expected a percentage"),
+    (GOOD + "compare: {bootstrap: 10}\n", "compare.bootstrap: input should be greater than or equal to 1000"),
+    (GOOD + "workloads: {smm_boot: {}, order: shuffled}\n", "workloads.order: input should be 'alternate' or 'random'"),
+])
+def test_bad_compare_and_gates_give_one_line_naming_the_key(tmp_path, text, expected):
+    with pytest.raises(InputError) as e:
+        parse_spec(text, tmp_path / "s.yaml")
+    msg = str(e.value)
+    assert expected in msg, msg
+    assert "\n" not in msg

@@ -23,6 +23,7 @@ from kpatchtest.compare.model import Direction, MetricVerdict
 
 MIN_ROUNDS = 3
 CI_LEVEL = 0.95
+_HUGE = 1e300           # a quantile this large came from inf ratios
 _CHUNK = 4_000_000      # values drawn per chunk of resamples: bounds memory for many repetitions
 
 METHOD = ("ratio of medians patched/baseline; 95% percentile CI from a hierarchical bootstrap "
@@ -137,7 +138,9 @@ def compare(baseline: list[list[float]], patched: list[list[float]], *, directio
         return est
     ratios = bootstrap_ratios(baseline, patched, resamples, seed)
     alpha = (1 - CI_LEVEL) / 2
-    lo, hi = np.quantile(ratios, [alpha, 1 - alpha])
+    # inf (a 0 baseline median) sorts last but breaks interpolation: stand in the largest float
+    lo, hi = (np.inf if q >= _HUGE else q for q in
+              np.quantile(np.minimum(ratios, np.finfo(float).max), [alpha, 1 - alpha]))
     est.ci_low, est.ci_high = _finite(lo), _finite(hi)
     est.p_value = paired_p(baseline, patched)
     notes = []
