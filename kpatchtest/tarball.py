@@ -40,7 +40,7 @@ from typing import IO, Iterator
 from kpatchtest.errors import GitError, InputError
 from kpatchtest.gitutil import Git
 from kpatchtest.locks import exclusive
-from kpatchtest.util import write_atomic
+from kpatchtest.util import sha256_file, write_atomic
 
 IMPORT_PREFIX = "refs/kpatchtest/imports/"
 _TMP_PREFIX = "refs/kpatchtest/tmp/import-"
@@ -213,15 +213,11 @@ def _message(path: Path, version: str, stripped: str, sha: str) -> str:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+        return sha256_file(path)
     except OSError as e:
         raise InputError(f"cannot read kernel tarball {path}: {e.strerror}",
                          hint="check the file's permissions") from None
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- import

@@ -12,7 +12,6 @@ BuildPlace (where) and a BuildResult (what came out).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ from kpatchtest.build.toolchain import Toolchain
 from kpatchtest.gitutil import Git
 from kpatchtest.locks import exclusive as locked
 from kpatchtest.results import ApplyResult, BranchBuild, BuildResult, PatchBuild
-from kpatchtest.util import write_atomic
+from kpatchtest.util import sha256_text, write_atomic
 
 # Fixed build identity strings: the same inputs give the same kernel.
 _REPRODUCIBLE = {"KBUILD_BUILD_TIMESTAMP": "Thu Jan  1 00:00:00 UTC 1970",
@@ -55,13 +54,10 @@ class ConfigRecipe:
         return kconfig.merge_fragments(self.fragments)
 
     def key(self) -> str:
-        h = hashlib.sha256(self.base.name.encode())
-        if self.base.kind == "file":
-            h.update(self.base.read().encode())
-        for s in self.merge.settings.values():
-            h.update(f"{s.symbol}={s.value}\n".encode())
-        h.update(",".join(sorted(self.required)).encode())
-        return h.hexdigest()[:16]
+        parts = [self.base.name, self.base.read() if self.base.kind == "file" else ""]
+        parts += [f"{s.symbol}={s.value}\n" for s in self.merge.settings.values()]
+        parts.append(",".join(sorted(self.required)))
+        return sha256_text("".join(parts))[:16]
 
 
 @dataclass(frozen=True)
@@ -155,7 +151,7 @@ class Builder:
     # -- config -------------------------------------------------------------
     def _config(self, place: BuildPlace, commit: str, tree: str) -> _Config:
         """The final .config for this tree; cached, so a repeat run runs no make."""
-        key = hashlib.sha256(f"{ARCH}\0{tree}\0{self.recipe.key()}\0{self.toolchain.key()}".encode()).hexdigest()[:24]
+        key = sha256_text(f"{ARCH}\0{tree}\0{self.recipe.key()}\0{self.toolchain.key()}")[:24]
         cache = self.cache_dir / "configs" / f"{key}.json"
         if cache.exists():
             d = json.loads(cache.read_text())
@@ -214,8 +210,8 @@ class Builder:
             try:
                 cfg = self._config(place, commit, tree)
                 res.config_hash, res.config_missing, res.config_errors = cfg.hash, cfg.missing, cfg.errors
-                ident = hashlib.sha256("\0".join([tree, cfg.hash, self.toolchain.key(),
-                                                  json.dumps(self.make_vars, sort_keys=True)]).encode()).hexdigest()
+                ident = sha256_text("\0".join([tree, cfg.hash, self.toolchain.key(),
+                                               json.dumps(self.make_vars, sort_keys=True)]))
                 store = self.cache_dir / "artifacts" / ident[:32]
                 if (store / "meta.json").exists():
                     meta = json.loads((store / "meta.json").read_text())
