@@ -344,3 +344,166 @@ def test_schema_3_results_still_render(result, tmp_path):
     assert not [c for c in root.iter("testcase") if c.get("classname", "").startswith("workloads.")]
     assert "boot patched on lab1" in {c.get("name") for c in root.iter("testcase")}
     assert "workloads" not in (tmp_path / "re" / "report.html").read_text()
+
+
+# -- compare (schema 6) ------------------------------------------------------------------
+
+from kpatchtest.compare.model import BranchComparison, Counts, MetricComparison, NewSplat, TestComparison  # noqa: E402
+from kpatchtest.results import SeriesInfo, SeriesPatchInfo  # noqa: E402
+
+COVER = "20261122000000.1000-0-demo@kpatchtest.invalid"
+
+
+def _metric(name, unit, direction, base, patched, ratio, lo, hi, p, verdict, why=""):
+    return MetricComparison(name=name, workload="smm-boot", unit=unit, direction=direction, host="lab1",
+                            baseline_median=base, patched_median=patched, ratio=ratio, ci_low=lo, ci_high=hi,
+                            p_value=p, rounds=10, repetitions=5, baseline_n=50, patched_n=50, verdict=verdict,
+                            why=why, method="hierarchical bootstrap", seed=1)
+
+
+@pytest.fixture
+def compared(workloads_run):
+    """The workloads run with a comparison per branch: 6.1 regressed (a test, wall_time, root
+    allocations; its gate broke), 6.12 unchanged; a series with a cover letter on lore."""
+    r, run_dir = workloads_run
+    r.series = SeriesInfo(title="KVM: x86/mmu: Small TDP MMU cleanups", sources=["mbox:x.mbox"], version=2,
+                          link=f"https://patch.msgid.link/{COVER}",
+                          patches=[SeriesPatchInfo(index=i, subject=f"KVM: patch {i}",
+                                                   msgid=f"20261122000000.1000-{i}-demo@kpatchtest.invalid")
+                                   for i in (1, 2, 3)])
+    b = r.branches[0]
+    b.compare = BranchComparison(
+        method="hierarchical bootstrap over rounds then repetitions; paired Wilcoxon over rounds", seed=7,
+        tests=[TestComparison(name="smptest", group=KUT, host="lab1", verdict="regression",
+                              baseline=Counts(passed=10), patched=Counts(failed=10),
+                              rerun_baseline=Counts(passed=2), rerun_patched=Counts(failed=2), reruns_wanted=2),
+               TestComparison(name="vmx", group=KUT, host="lab1", verdict="flaky",
+                              baseline=Counts(passed=10), patched=Counts(passed=7, failed=3),
+                              rerun_baseline=Counts(passed=2), rerun_patched=Counts(passed=1, failed=1), reruns_wanted=2),
+               TestComparison(name="emulator", group=KUT, host="lab1", verdict="unchanged-pass",
+                              baseline=Counts(passed=10), patched=Counts(passed=10))],
+        metrics=[_metric("wall_time", "s", "lower", 12.1, 13.4, 1.1074, 1.0823, 1.1312, 0.00195, "slower"),
+                 _metric("root_allocs", "roots", "lower", 3.0, 806.0, 268.67, 250.1, 280.2, 0.00195, "more"),
+                 _metric("tdp_pages_allocated", "pages", "lower", 101.0, 101.5, 1.005, 0.99, 1.02, 0.43,
+                         "no significant change"),
+                 _metric("root_puts", "calls", "lower", None, None, None, None, None, None, "n/a", why=NO_PROBE),
+                 _metric("smm_transitions", "events", "none", 806.0, 806.0, 1.0, 1.0, 1.0, None, "n/a",
+                         why="describes the workload")],
+        splats_new=[NewSplat(host="lab1", round=2, kind="warning",
+                             first_lines=["WARNING: CPU: 1 PID: 77 at arch/x86/kvm/mmu/tdp_mmu.c:123"])])
+    other = r.branches[1]
+    other.compare = BranchComparison(
+        tests=[TestComparison(name="emulator", group=KUT, host="lab1", verdict="unchanged-pass",
+                              baseline=Counts(passed=3), patched=Counts(passed=3))],
+        metrics=[_metric("wall_time", "s", "lower", 12.1, 12.15, 1.004, 0.985, 1.019, 0.77, "no significant change")])
+    r.gates.append(GateResult(name="metric:wall_time", branch="linux-6.1.y", passed=False, expected="max_slowdown 5%",
+                              actual="slowdown 10.7% [8.2%, 13.1%]"))
+    return r, run_dir
+
+
+def test_junit_compare_suite_fails_with_the_numbers(compared, tmp_path):
+    r, run_dir = compared
+    path = tmp_path / "junit.xml"
+    path.write_text(junit.render(r, run_dir))
+    assert_junit_10(path)
+    suite = next(s for s in ET.parse(path).getroot().iter("testsuite") if s.get("name") == "compare")
+    every = suite.findall("testcase")
+    cases = {c.get("name"): c for c in every if c.get("classname") == "compare.linux-6_1_y"}
+    assert {c.get("classname") for c in every} == {"compare.linux-6_1_y", "compare.linux-6_12_y"}
+    for c in every:
+        assert "." not in c.get("classname").split(".", 1)[1]          # the branch part has no dot
+    # one testcase per test comparison and per metric comparison (+ the new splat), both branches
+    assert len(suite.findall("testcase")) == (3 + 5 + 1) + (1 + 1)
+    reg = cases["test kvm-unit-tests/smptest on lab1"].find("failure")
+    assert reg.get("type") == "regression"
+    assert "baseline 10 pass, 0 fail; patched 0 pass, 10 fail" in reg.get("message")
+    assert "reruns (2 wanted): baseline 2 pass, 0 fail; patched 0 pass, 2 fail" in reg.get("message")
+    assert cases["test kvm-unit-tests/vmx on lab1"].find("failure") is None        # flaky is no regression
+    assert "flaky: baseline 10 pass" in cases["test kvm-unit-tests/vmx on lab1"].find("system-out").text
+    gate = cases["metric smm-boot wall_time on lab1"].find("failure")
+    assert gate.get("message") == ("gate metric:wall_time failed: expected max_slowdown 5%, got slowdown 10.7% "
+                                   "[8.2%, 13.1%]: slower, 12.1 -> 13.4 s, ratio 1.107 [1.082, 1.131], "
+                                   "p = 0.00195, 10 rounds x 5 repetitions")
+    # significant without a gate: passes, numbers in system-out; unchanged branch: no failures
+    more = cases["metric smm-boot root_allocs on lab1"]
+    assert more.find("failure") is None and "ratio=268.67" in more.find("system-out").text
+    assert cases["new splat warning on lab1 round 2"].find("failure") is not None
+    props = {p.get("name"): p.get("value") for p in suite.findall("properties/property")}
+    assert props["linux-6.1.y:smm-boot.wall_time@lab1.ci_low"] == "1.0823"
+    assert props["linux-6.12.y:smm-boot.wall_time@lab1.verdict"] == "no significant change"
+    assert props["linux-6.1.y:seed"] == "7"
+    assert not [c for c in every if c.get("classname") == "compare.linux-6_12_y" and c.find("failure") is not None]
+
+
+def test_summary_is_a_reply_starting_with_what_changed(compared):
+    r, _ = compared
+    text = summary.render(r)
+    lines = text.splitlines()
+    assert lines[:4] == [f"In-Reply-To: <{COVER}>", f"References: <{COVER}>",
+                         "Subject: Re: [PATCH v2 0/3] KVM: x86/mmu: Small TDP MMU cleanups", ""]
+    assert lines[4].startswith("What changed")
+    changed = text[:text.index("kpatchtest: ")]
+    assert "linux-6.1.y:\n  REGRESSION kvm-unit-tests/smptest on lab1: baseline 10 pass, 0 fail; patched 0 pass" in changed
+    assert ("  smm-boot wall_time on lab1: slower, 12.1 -> 13.4 s, ratio 1.107 [1.082, 1.131], p = 0.00195, "
+            "10 rounds x 5 repetitions") in lines
+    assert "  smm-boot root_allocs on lab1: more, 3 -> 806 roots, ratio 268.670 [250.100, 280.200]" in changed
+    assert "  NEW SPLAT on patched (lab1 round 2, boot): warning: WARNING: CPU: 1 PID: 77" in changed
+    assert "  gate metric:wall_time FAILED: expected max_slowdown 5%, got slowdown 10.7% [8.2%, 13.1%]" in lines
+    assert "  flaky, not counted as a regression: kvm-unit-tests/vmx on lab1" in changed
+    assert f"  n/a: smm-boot root_puts on lab1 ({NO_PROBE})" in lines
+    assert "smm_transitions" not in changed                     # describes the workload, judges nothing
+    assert ("linux-6.12.y: no significant change (1 test(s) compared, 1 metric(s) within +-2%; "
+            "10 rounds x 5 repetitions)") in lines
+    assert "tdp_pages_allocated" not in changed                 # within the threshold: counted, not listed
+    assert all(ord(c) < 128 for c in text)
+    # the workloads notes quote the comparison, not their own pooling
+    assert "      root_allocs: 3 -> 806 roots, ratio 268.670 [250.100, 280.200]: more" in lines
+    assert "      patched fail: smptest (regression, 1 of 2 runs), pmu; timeout: vmx (flaky)" in lines
+
+
+def test_summary_reply_headers_without_a_cover(compared):
+    r, _ = compared
+    r.series.link = None
+    assert summary.render(r).splitlines()[:3] == [
+        "In-Reply-To: <20261122000000.1000-1-demo@kpatchtest.invalid>",
+        "References: <20261122000000.1000-1-demo@kpatchtest.invalid>",
+        "Subject: Re: [PATCH v2 1/3] KVM: patch 1"]
+    r.series.version = 1
+    r.series.patches = r.series.patches[:1]
+    assert summary.render(r).splitlines()[2] == "Subject: Re: [PATCH] KVM: patch 1"
+    for b in r.branches:
+        b.compare = None
+    r.series = None
+    text = summary.render(r)
+    assert text.startswith("kpatchtest: w") and "What changed" not in text     # nothing compared: no section
+
+
+def test_html_plots_links_and_csp(compared, tmp_path):
+    r, run_dir = compared
+    page = html.render(r)
+    assert "style=" not in page and "<style" not in page and "<script" not in page.lower()
+    # the forest plot, a strip plot per measured metric (root_puts has no value); no apply: no heatmap
+    assert page.count("<svg") == 1 + 4
+    assert '<link rel=stylesheet href="report.css">' in page
+    assert f'href="https://lore.kernel.org/r/{COVER}"' in page
+    assert 'href="https://lore.kernel.org/r/20261122000000.1000-3-demo@kpatchtest.invalid"' in page
+    for run in r.branches[0].workloads:
+        for rec in run.records:
+            for log in rec.logs:
+                assert f'href="{log}"' in page
+    assert ">slower; gate FAILED: slowdown 10.7% [8.2%, 13.1%]</td>" in page
+    ids = [m for m in __import__("re").findall(r' id="([^"]+)"', page)]
+    assert len(ids) == len(set(ids))                # several SVGs, one document: ids stay unique
+    paths = write_all(r, run_dir)
+    assert (run_dir / "report.css").read_text() == html.CSS and run_dir / "report.css" in paths
+    assert html.render(r) == page                   # deterministic: a re-render is the same file
+
+
+def test_html_heatmap_by_status(result):
+    r, _ = result
+    page = html.render(r)
+    assert page.count("<svg") == 1 and "style=" not in page and "<style" not in page
+    heat = page[page.index("<svg"):page.index("</svg>")]
+    for colour in ("#8fd19e", "#f1948a", "#9ec5fe"):           # applied, conflict, already present
+        assert colour in heat
+    assert "CONFLICT tdp_mmu.c:1" in heat                      # the cell says what the matrix says
