@@ -124,7 +124,7 @@ def evaluate_gates(loaded: LoadedSpec, result: RunResult) -> None:
         for name, expected, lenient, state in (("build", gates.build, "pass", _build_state),
                                                 ("boot", gates.boot, "booted", _boot_state),
                                                 ("workloads", gates.workloads, "no-new-failures",
-                                                 lambda b: _workloads_state(b, tests))):
+                                                 lambda b, tests=tests: _workloads_state(b, tests))):
             if expected and name in result.stages:
                 actual, severity = state(b)
                 ok = severity == CLEAN or (severity == SOFT and expected == lenient)

@@ -43,7 +43,7 @@ def test_point_estimates_are_the_plain_medians_of_every_repetition():
     b = [[10.0, 11.0, 12.0], [13.0, 9.0, 10.5], [10.2, 10.1, 10.0]]
     p = [[12.0, 12.5, 11.0], [14.0, 13.0, 12.2], [11.9, 12.1, 12.0]]
     e = judge(b, p)
-    flat_b, flat_p = sorted(sum(b, [])), sorted(sum(p, []))
+    flat_b, flat_p = sorted(itertools.chain(*b)), sorted(itertools.chain(*p))
     assert e.baseline_median == flat_b[4] and e.patched_median == flat_p[4]
     assert e.ratio == pytest.approx(flat_p[4] / flat_b[4])
     assert (e.rounds, e.repetitions, e.baseline_n, e.patched_n) == (3, 3, 9, 9)

@@ -57,8 +57,8 @@ def _metric_series(branch: BranchResult) -> dict[tuple[str, str, str], _Series]:
 def _compare_metric(host: str, workload: str, name: str, s: _Series, cfg: CompareSpec) -> MetricComparison:
     info = metric_info(name, s.unit)
     direction = info.direction if info else "none"
-    mc = dict(name=name, workload=workload, unit=s.unit, direction=direction, host=host,
-              seed=cfg.seed, threshold=cfg.threshold, method=stats.METHOD.format(n=cfg.bootstrap))
+    mc = {"name": name, "workload": workload, "unit": s.unit, "direction": direction, "host": host,
+          "seed": cfg.seed, "threshold": cfg.threshold, "method": stats.METHOD.format(n=cfg.bootstrap)}
     base, pat = s.values.get("baseline", {}), s.values.get("patched", {})
     for build, vals in (("baseline", base), ("patched", pat)):
         if not any(vals.values()):
@@ -83,7 +83,7 @@ def compare_branch(branch: BranchResult, spec: Spec) -> BranchComparison:
                for (host, workload, name), s in sorted(_metric_series(branch).items())]
     return BranchComparison(
         tests=classify(branch, cfg.reruns), metrics=metrics, splats_new=new_splats(branch),
-        method=stats.METHOD.format(n=cfg.bootstrap) + f"; rounds paired by number, threshold ±{cfg.threshold:g}",
+        method=stats.METHOD.format(n=cfg.bootstrap) + f"; rounds paired by number; a change only when the CI lies wholly beyond ±{cfg.threshold * 100:g}%",
         seed=cfg.seed, bootstrap=cfg.bootstrap, threshold=cfg.threshold, reruns=cfg.reruns,
         order=spec.workloads.order if spec.workloads else "alternate")
 

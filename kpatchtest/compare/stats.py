@@ -91,7 +91,7 @@ def bootstrap_ratios(baseline: list[list[float]], patched: list[list[float]], re
     return out
 
 
-def paired_p(baseline: list[list[float]], patched: list[list[float]]) -> float:
+def paired_p(baseline: list[list[float]], patched: list[list[float]]) -> float | None:
     """Two-sided Wilcoxon signed-rank p over per-round medians (exact for small n); 1.0 when
     every pair is equal (nothing to rank)."""
     b = np.array([np.median(x) for x in baseline])
@@ -100,7 +100,7 @@ def paired_p(baseline: list[list[float]], patched: list[list[float]]) -> float:
         return 1.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return float(sps.wilcoxon(p, b).pvalue)
+        return _finite(float(sps.wilcoxon(p, b).pvalue))
 
 
 def words(direction: Direction, time: bool) -> tuple[str, str]:

@@ -111,7 +111,7 @@ def reruns_missing(t: TestComparison) -> int:
 
 # What workloads record of a splat in dmesg while they ran (workloads/dmesgwatch.py).
 _WORKLOAD_SPLAT = re.compile(r"kernel (\S+) in dmesg during the run: (.+?)(?: \(\+\d+ more splats\))?(?:; |$)")
-_NUMBER = re.compile(r"0x[0-9a-f]+|\d+", re.I)
+_NUMBER = re.compile(r"0x[0-9a-f]+|\d+", re.IGNORECASE)
 
 
 def _signature(kind: str, first_line: str) -> tuple[str, str]:
