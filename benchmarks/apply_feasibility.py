@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kpatchtest.apply.engine import ApplyContext, BranchTarget, apply_series  # noqa: E402
-from kpatchtest.fetch.stage import FetchOptions, fetch_series  # noqa: E402
 from kpatchtest.fetch.sources import MboxSource  # noqa: E402
+from kpatchtest.fetch.stage import FetchOptions, fetch_series  # noqa: E402
 from kpatchtest.gitutil import Git  # noqa: E402
 from kpatchtest.tarball import import_tarball  # noqa: E402
 

@@ -23,8 +23,8 @@ import pytest
 from kpatchtest import rawtext
 from kpatchtest.apply.engine import ApplyContext, BranchTarget, apply_series
 from kpatchtest.errors import FetchError
-from kpatchtest.fetch.stage import FetchOptions, fetch_series
 from kpatchtest.fetch.sources import MboxSource, MsgidSource
+from kpatchtest.fetch.stage import FetchOptions, fetch_series
 from kpatchtest.gitutil import Git
 from kpatchtest.report import write_all
 from kpatchtest.results import BranchResult, RunResult

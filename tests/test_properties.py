@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import io
 import tempfile
 from pathlib import Path
@@ -24,6 +25,7 @@ from kpatchtest.fetch import b4, cache, mail
 from kpatchtest.fetch.sources import MboxSource
 from kpatchtest.fetch.stage import FetchOptions, fetch_series
 from kpatchtest.spec import LoadedSpec, parse_spec
+from kpatchtest.util import sha256_file, sha256_text
 
 FEW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MANY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -299,6 +301,17 @@ def test_an_mbox_gets_message_ids_and_splits(data):
         out.mkdir()
         assert one_line_or_ok(mail.with_message_ids, f, data, out) is not None
     assert all(isinstance(m, bytes) for m in mail.split_mboxrd(data))
+
+
+@FEW
+@given(st.binary(max_size=64), st.sampled_from([0, (1 << 20) - 1, 1 << 20, (1 << 20) + 1]))
+def test_sha256_file_is_the_hash_of_the_file_bytes(head, pad):
+    """util.sha256_file reads in 1 MiB chunks: the chunk edges must not show."""
+    data = head + b"\x00" * pad
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "f"
+        f.write_bytes(data)
+        assert sha256_file(f) == hashlib.sha256(data).hexdigest() == sha256_text(data)
 
 
 @MANY

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
 from kpatchtest.errors import FetchError
-from kpatchtest.fetch.stage import FetchOptions, fetch_series
+from kpatchtest.fetch import cache, mail
 from kpatchtest.fetch.sources import CommitsSource, MboxSource, MsgidSource
+from kpatchtest.fetch.stage import FetchOptions, fetch_series
 
 
 @pytest.fixture
@@ -164,6 +167,37 @@ def test_online_refetch_replaces_cache_entry(lore, opts):
     b = fetch_series([MsgidSource(msgid=f"<{lore.msgids['v2_cover']}>")], opts)
     assert a == _with_sources(b, a.sources)
     assert len(cache_entries(opts)) == 1
+
+
+def test_cache_keys_and_entries_keep_their_format(lore, opts):
+    """A changed key or entry format turns every cached series into a miss, and an
+    --offline run then fails: these are the keys earlier versions wrote (change them
+    only together with CACHE_FORMAT)."""
+    mid = "20230426220323.3079789-1-seanjc@google.com"
+    assert cache.key("msgid", mid, None, "softfail", None) == \
+        "msgid-20230426220323.3079789-1-seanjc_google.com-vlatest-41a2750f331c3233"
+    assert cache.key("msgid", mid, 2, "off", Path("/k")) == \
+        "msgid-20230426220323.3079789-1-seanjc_google.com-v2-421b7c6ea9b181c1"
+    assert cache.key("mbox", "0" * 64, None, "hardfail", Path("/k")) == "mbox-0000000000000000-vlatest-ac1c7cd03cdddada"
+    # softfail and hardfail fetch the same mails; the policy is applied on reading
+    assert cache.key("mbox", "0" * 64, None, "softfail", Path("/k")) == cache.key("mbox", "0" * 64, None, "hardfail", Path("/k"))
+
+    fetch_series([MsgidSource(msgid=f"https://lore.kernel.org/all/{lore.msgids['v2_cover']}/T/")], opts)
+    [entry] = cache_entries(opts)
+    assert entry == cache.key("msgid", lore.msgids["v2_cover"], None, opts.attestation, None)
+    meta = json.loads((Path(opts.cache_dir) / "series" / entry / "meta.json").read_text())
+    assert meta["format"] == cache.CACHE_FORMAT == 2 and meta["msgid"] == lore.msgids["v2_cover"]
+    assert {"attestation", "attestation_policy", "b4_log", "link", "total", "kind", "midmask"} <= set(meta)
+    fetched = datetime.fromisoformat(meta["fetched_at"])
+    assert fetched.tzinfo == timezone.utc and abs(datetime.now(timezone.utc) - fetched) < timedelta(minutes=5)
+
+
+def test_msgid_spellings():
+    """A message-id as people paste it: bare, <...>, id:, a lore URL (any case of scheme)."""
+    for raw in ("x.1@y.org", " <x.1@y.org> ", "id:x.1@y.org", "https://lore.kernel.org/all/x.1@y.org/",
+                "HTTP://127.0.0.1:8080/INBOX/x.1%40y.org/T/#u", "https://lore.kernel.org/r/x.1@y.org/raw"):
+        assert mail.clean_msgid(raw) == "x.1@y.org", raw
+    assert mail.clean_msgid("ftp://host/x.1@y.org") == "ftp://host/x.1@y.org"    # not a web link: as given
 
 
 def _with_sources(s, sources):
