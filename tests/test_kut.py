@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -707,3 +708,21 @@ def test_kut_source_url_errors(kut_repo: Path, tmp_path: Path):
 
 # The opt-in test of the real suite (KPATCHTEST_KUT_SOURCE) runs it inside the local lab VM:
 # tests/test_kut_lab.py::test_real_kvm_unit_tests.
+
+
+def test_kut_source_fetch_that_hangs_is_a_kut_error(tmp_path: Path, monkeypatch):
+    """A server that accepts and never answers: git (through gitutil) is killed at the
+    fetch timeout and the run gets one line instead of waiting forever."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/kvm-unit-tests.git"
+    monkeypatch.setattr(kut.source, "FETCH_TIMEOUT_S", 2)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(KutError) as e:
+            kut_source(url, "master", tmp_path / "cache")
+    finally:
+        server.close()
+    assert e.value.message == "git fetch gave no answer within 2 s"
+    assert time.monotonic() - t0 < 15

@@ -17,35 +17,33 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
-from kpatchtest.errors import KpatchtestError
+from kpatchtest.errors import GitError, KpatchtestError
+from kpatchtest.gitutil import Git, GitTimeout
 from kpatchtest.locks import exclusive
-from kpatchtest.urls import GIT_PROTOCOL_ENV, is_url, ref_problem, repo_problem
+from kpatchtest.urls import is_url, ref_problem, repo_problem
 
 
 class KutError(KpatchtestError):
     """kvm-unit-tests cannot be built or deployed as asked."""
 
 
-
 # -- source --------------------------------------------------------------------------------
 
 SOURCE_MARKER = ".kpatchtest-source.json"      # in a tree kut_source exported: {source, ref, commit}
 FETCH_TIMEOUT_S = 900
-_GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_SSH_COMMAND": "ssh -o BatchMode=yes", "LC_ALL": "C",
-            **GIT_PROTOCOL_ENV}
+# ssh never asks for a password or a host key: a URL that needs one fails instead of waiting
+_SSH_BATCH = {"GIT_SSH_COMMAND": "ssh -o BatchMode=yes"}
 
 
-def _git_cmd(args: Sequence[str], *, timeout: float = 120, binary: bool = False) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE")}
-    env.update(_GIT_ENV)
+def _git_cmd(repo: Path, *args: str, timeout: float = 120, binary: bool = False) -> subprocess.CompletedProcess:
+    """git in `repo` through gitutil (check=False: callers read the exit status); a git
+    that hangs or is missing is a KutError, which the stage reports as the workload's."""
     try:
-        return subprocess.run(["git", *args], capture_output=True, text=not binary, env=env, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        what = next((a for a in (args[2:] if args[:1] == ["-C"] else args) if not a.startswith("-")), "")
-        raise KutError(f"git {what} gave no answer within {timeout:g} s") from None
-    except OSError as e:
-        raise KutError(f"cannot run git: {e}", hint="install git") from None
+        return Git(repo).run(*args, check=False, env=_SSH_BATCH, text=not binary, timeout=timeout)
+    except GitTimeout:
+        raise KutError(f"git {args[0]} gave no answer within {timeout:g} s") from None
+    except GitError as e:
+        raise KutError(e.message, hint=e.hint) from None
 
 
 def _git_message(text: str, default: str) -> str:
@@ -58,18 +56,17 @@ def _git_message(text: str, default: str) -> str:
 
 
 def _is_bare_repo(path: Path) -> bool:
-    r = _git_cmd(["-C", str(path), "rev-parse", "--is-bare-repository"], timeout=30)
+    r = _git_cmd(path, "rev-parse", "--is-bare-repository", timeout=30)
     return r.returncode == 0 and r.stdout.strip() == "true"
 
 
 def _is_checkout_top(path: Path) -> bool:
-    r = _git_cmd(["-C", str(path), "rev-parse", "--show-toplevel"], timeout=30)
+    r = _git_cmd(path, "rev-parse", "--show-toplevel", timeout=30)
     return r.returncode == 0 and Path(r.stdout.strip()).resolve() == path.resolve()
 
 
 def _resolve(git_dir: Path, ref: str) -> str | None:
-    r = _git_cmd(["-C", str(git_dir), "rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}"],
-                 timeout=30)
+    r = _git_cmd(git_dir, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}", timeout=30)
     return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else None
 
 
@@ -83,7 +80,7 @@ def _export(git_dir: Path, commit: str, cache_dir: Path, meta: dict[str, str]) -
     with exclusive(trees / f".{commit}.lock"):
         if (dest / SOURCE_MARKER).is_file():
             return dest
-        r = _git_cmd(["-C", str(git_dir), "archive", "--format=tar", commit], timeout=300, binary=True)
+        r = _git_cmd(git_dir, "archive", "--format=tar", commit, timeout=300, binary=True)
         if r.returncode != 0:
             raise KutError(f"cannot export kvm-unit-tests {commit[:12]}: "
                            f"{_git_message(r.stderr.decode(errors='replace'), f'git archive exited {r.returncode}')}")
@@ -160,10 +157,10 @@ def kut_source(source: str | Path, ref: str | None, cache_dir: Path, offline: bo
     with exclusive(repo.parent / f".{repo.name}.lock"):
         created = not (repo / "HEAD").is_file()
         if created:
-            r = _git_cmd(["init", "--bare", "--quiet", str(repo)], timeout=60)
+            r = _git_cmd(repo.parent, "init", "--bare", "--quiet", repo.name, timeout=60)
             if r.returncode != 0:
                 raise KutError(f"cannot create {repo}: {_git_message(r.stderr, 'git init failed')}")
-            _git_cmd(["-C", str(repo), "config", "kpatchtest.url", url], timeout=30)
+            _git_cmd(repo, "config", "kpatchtest.url", url, timeout=30)
         keep = _ref_name(want)
         commit_id = re.fullmatch(r"[0-9a-f]{7,64}", want) is not None
         commit = _resolve(repo, want) if commit_id else None     # a commit id fetched before
@@ -175,11 +172,11 @@ def kut_source(source: str | Path, ref: str | None, cache_dir: Path, offline: bo
             say(f"kvm-unit-tests: offline, using {want} = {commit[:12]} fetched earlier from {url}")
         elif commit is None:
             say(f"kvm-unit-tests: fetching {want} from {url}")
-            r = _git_cmd(["-C", str(repo), "fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--",
-                          url, f"+{want}:{keep}"], timeout=FETCH_TIMEOUT_S)
+            r = _git_cmd(repo, "fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--",
+                         url, f"+{want}:{keep}", timeout=FETCH_TIMEOUT_S)
             if r.returncode != 0:
                 # reachable at all? then the ref is what is wrong
-                probe = _git_cmd(["-C", str(repo), "ls-remote", "--", url, "HEAD"], timeout=120)
+                probe = _git_cmd(repo, "ls-remote", "--", url, "HEAD", timeout=120)
                 if probe.returncode != 0:
                     if created:
                         shutil.rmtree(repo, ignore_errors=True)     # nothing to keep for a bad URL
@@ -187,12 +184,12 @@ def kut_source(source: str | Path, ref: str | None, cache_dir: Path, offline: bo
                                    f"{_git_message(probe.stderr or r.stderr, f'git fetch exited {r.returncode}')}")
                 if commit_id and len(want) < 40:
                     # servers hand out full commit ids only: an abbreviated one needs the history
-                    r2 = _git_cmd(["-C", str(repo), "fetch", "--quiet", "--no-tags", "--no-write-fetch-head",
-                                   "--", url, "+refs/heads/*:refs/kpatchtest/heads/*",
-                                   "+refs/tags/*:refs/kpatchtest/tags/*"], timeout=FETCH_TIMEOUT_S)
+                    r2 = _git_cmd(repo, "fetch", "--quiet", "--no-tags", "--no-write-fetch-head",
+                                  "--", url, "+refs/heads/*:refs/kpatchtest/heads/*",
+                                  "+refs/tags/*:refs/kpatchtest/tags/*", timeout=FETCH_TIMEOUT_S)
                     commit = _resolve(repo, want) if r2.returncode == 0 else None
                     if commit is not None:
-                        _git_cmd(["-C", str(repo), "update-ref", keep, commit], timeout=30)
+                        _git_cmd(repo, "update-ref", keep, commit, timeout=30)
                 if commit is None:
                     raise KutError(f"unknown ref {want} in {url}",
                                    hint=_git_message(r.stderr, f"git fetch exited {r.returncode}"))
@@ -210,7 +207,7 @@ _BUILD_IGNORE = shutil.ignore_patterns(".git", "logs", "logs.old", "*.o", "*.d",
 def _git(source: Path, *args: str) -> str | None:
     """git's answer about `source`, or None when git fails (the caller then goes by content)."""
     try:
-        r = _git_cmd(["-C", str(source), *args], timeout=60)
+        r = _git_cmd(source, *args, timeout=60)
     except KutError:
         return None
     return r.stdout.strip() if r.returncode == 0 else None
