@@ -7,20 +7,20 @@ held by a live process, so a crashed owner never leaves a stale lock behind.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import re
 import socket
-import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 from kpatchtest.lab.ssh.connection import HostConnection, HostUnreachable, LabError
+from kpatchtest.locks import LockBusy, exclusive
+from kpatchtest.util import write_atomic
 
 REMOTE_LOCK = "/run/kpatchtest.lock"   # /run is a tmpfs: a reboot frees everything
 
@@ -64,29 +64,19 @@ def local_host_lock(state_dir: Path, host: str, wait_s: float, *, run: str = "",
     overwritten by each new holder, so a dead owner's leftover info is harmless.
     """
     path = state_dir / "locks" / f"{_safe_name(host)}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        start = time.monotonic()
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                waited = time.monotonic() - start
-                if waited >= wait_s:
-                    raise HostBusy(_local_busy_message(host, path, waited)) from None
-                time.sleep(min(poll_s, max(0.01, wait_s - waited)))
+    with ExitStack() as stack:
+        try:
+            f = stack.enter_context(exclusive(path, wait_s=wait_s, poll_s=poll_s))
+        except LockBusy as e:
+            raise HostBusy(_local_busy_message(host, path, e.waited)) from None
         info = {"pid": os.getpid(), "run": run, "host": socket.gethostname(), "since": _now()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        f.truncate(0)
+        f.write(json.dumps(info) + "\n")
+        f.flush()
         try:
             yield
         finally:
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+            f.truncate(0)
 
 
 def _local_busy_message(host: str, path: Path, waited: float) -> str:
@@ -188,23 +178,11 @@ class Quarantine:
         return hosts if isinstance(hosts, dict) else {}
 
     def _save(self, hosts: dict[str, dict[str, Any]]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.state_file.parent, prefix=self.state_file.name + ".")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"version": 1, "hosts": hosts}, f, indent=2, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.state_file)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_atomic(self.state_file, json.dumps({"version": 1, "hosts": hosts}, indent=2, sort_keys=True) + "\n")
 
     @contextmanager
     def _locked(self) -> Iterator[dict[str, dict[str, Any]]]:
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(f"{self.state_file}.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with exclusive(Path(f"{self.state_file}.lock")):
             hosts = self._load()
             yield hosts
             self._save(hosts)
