@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 
 from kpatchtest import __version__
-from kpatchtest.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, KpatchtestError
+from kpatchtest.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, InputError, KpatchtestError
 from kpatchtest.kernelrepo import default_cache_dir
 from kpatchtest.progress import Progress
 from kpatchtest.util import user_path
@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--branch", "-b", action="append", default=[], help="only this branch (repeatable)")
     p.add_argument("--out", "-o", type=Path, default=None, help="run directory (default: out/<spec name>)")
     p.add_argument("--no-hints", action="store_true", help="skip the prerequisite search")
+    p.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
+                   help="branches applied and built at a time (make's -j is shared out among them; default 1)")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help="redo this stage's units even where their inputs did not change (repeatable)")
     _common(p)
 
     p = sub.add_parser("fetch", help="fetch a spec's series with b4 into the cache",
@@ -106,10 +110,13 @@ def _run_outcome(outcome, quiet: bool) -> int:
 def cmd_run(args) -> int:
     from kpatchtest.pipeline import RunOptions, parse_stages, run
     from kpatchtest.spec import load_spec
+    if args.jobs < 1:
+        raise InputError(f"--jobs {args.jobs}: must be at least 1", hint="e.g. --jobs 2")
     loaded = load_spec(args.spec)
     opts = RunOptions(out=user_path(args.out or Path("out") / loaded.spec.name), cache_dir=_cache_dir(args),
                       stages=parse_stages(args.stages), branches=tuple(args.branch), offline=args.offline,
-                      midmask=args.midmask, hints=not args.no_hints, stages_explicit=bool(args.stages))
+                      midmask=args.midmask, hints=not args.no_hints, stages_explicit=bool(args.stages),
+                      jobs=args.jobs, force=tuple(s for f in args.force for s in parse_stages(f, "--force")))
     return _run_outcome(run(loaded, opts, Progress(quiet=args.quiet)), args.quiet)
 
 

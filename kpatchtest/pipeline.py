@@ -1,39 +1,45 @@
-"""The pipeline, one direction: spec -> fetch -> apply -> (build -> boot -> workloads) -> report.
+"""The pipeline: plans the stages a spec needs, runs each over its units, saves after each.
 
-Each stage takes typed inputs and appends to the one RunResult. Reports are
-written only once the stages ran, so a run that dies on bad input leaves the
-previous results in --out untouched.
+    spec -> fetch -> apply -> build -> (workloads prepared) -> boot (+ workloads) -> gates -> reports
+
+Each stage package (apply/, build/, boot/, workloads/) implements the Stage contract
+(stage.py). Every finished unit's record goes to the run directory's step cache and
+results.json is rewritten atomically, so a killed run started again with the same spec
+and --out redoes only the unit in flight and those whose inputs changed. A run that
+dies on bad input before any unit finished leaves the previous results in --out untouched.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
-import logging
-import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
-from kpatchtest import __version__, rawtext
-from kpatchtest.apply.engine import ApplyContext, BranchTarget, apply_series
-from kpatchtest.boot import stage as boot_stage
-from kpatchtest.build import stage as build_stage
+from pydantic import ValidationError
+
+from kpatchtest import __version__
+from kpatchtest.apply.stage import ApplyStage
+from kpatchtest.boot.stage import BootStage
+from kpatchtest.build.stage import BuildStage, recipe_for
 from kpatchtest.errors import EXIT_GATE, EXIT_INPUT, EXIT_OK, InputError
 from kpatchtest.fetch.stage import FetchOptions, fetch_series
-from kpatchtest.kernelrepo import KernelCache, ResolvedKernel
+from kpatchtest.gates import evaluate_gates
+from kpatchtest.kernelrepo import KernelCache
 from kpatchtest.patchset import Series
 from kpatchtest.progress import Progress
 from kpatchtest.report import write_all
-from kpatchtest.results import SCHEMA_VERSION, ApplyResult, RunResult, SeriesInfo, SeriesPatchInfo
-from kpatchtest.gates import evaluate_gates
+from kpatchtest.results import RunResult, SeriesInfo, SeriesPatchInfo
+from kpatchtest.rundir import CacheDir, RunDir
 from kpatchtest.spec import LoadedSpec
-from kpatchtest.util import output_error, user_path, write_atomic
-from kpatchtest.workloads.stage import Workloads
+from kpatchtest.stage import RunContext, Stage
+from kpatchtest.util import user_path, utcnow
+from kpatchtest.workloads.stage import WorkloadsStage
 
 STAGES = ("fetch", "apply", "build", "boot", "workloads")
 FUTURE_STAGES = ("compare",)
+# The order stages run in: the workloads are prepared before the boots that carry them.
+_ORDER = (ApplyStage, BuildStage, WorkloadsStage, BootStage)
 # The spec section a stage needs; without it the stage is left out (or, asked for explicitly, an error).
 NEEDS = {"build": ("configs", "configs: {base: tinyconfig, fragments: [x86_64-base.config, kvm.config]}"),
          "boot": ("lab", "lab: {name: local}"),
@@ -50,6 +56,8 @@ class RunOptions:
     midmask: str | None = None         # overrides the spec's fetch.midmask
     hints: bool = True
     stages_explicit: bool = False      # --stages given: a stage the spec cannot run is an error
+    jobs: int = 1                      # units of one stage at a time (branches; boots are per host)
+    force: tuple[str, ...] = ()        # stages whose stored unit records are not reused
 
     def __post_init__(self) -> None:
         # git runs in the cache repo and b4 in a scratch cwd: never hand them a relative path
@@ -57,15 +65,15 @@ class RunOptions:
         self.cache_dir = user_path(self.cache_dir)
 
 
-def parse_stages(text: str | None) -> tuple[str, ...]:
+def parse_stages(text: str | None, flag: str = "--stages") -> tuple[str, ...]:
     if not text:
         return STAGES
     stages = tuple(s.strip() for s in text.split(",") if s.strip())
     for s in stages:
         if s in FUTURE_STAGES:
-            raise InputError(f"--stages: stage {s!r} is not implemented yet", hint=f"available: {', '.join(STAGES)}")
+            raise InputError(f"{flag}: stage {s!r} is not implemented yet", hint=f"available: {', '.join(STAGES)}")
         if s not in STAGES:
-            raise InputError(f"--stages: unknown stage {s!r}", hint=f"available: {', '.join(STAGES)}")
+            raise InputError(f"{flag}: unknown stage {s!r}", hint=f"available: {', '.join(STAGES)}")
     return stages
 
 
@@ -86,88 +94,90 @@ def series_info(series: Series) -> SeriesInfo:
                  for p in series.patches])
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+class _Saver:
+    """The record and its reports after every unit, as at the end (report.write_all: each file
+    atomically, results.json last, series.mbox with the first record that refers to it), so
+    a killed run leaves a consistent partial record (`finished` unset). Nothing is written
+    before a unit finished: a run that fails on input keeps the previous record."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.lock = threading.Lock()
+
+    def save(self) -> list[Path]:
+        ctx = self.ctx
+        return write_all(ctx.result, ctx.rundir.path, extra={"series.mbox": ctx.series.as_mbox()})
 
 
-class _RunLog(logging.FileHandler):
-    """run.log is best effort: a full disk must not print logging's own tracebacks."""
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        pass
-
-
-class OutDir:
-    """The run directory: one run at a time, with a state cache of finished steps."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.state = path / "state"
-        self._lock = None
-        self._log_handler: logging.Handler | None = None
-
-    def __enter__(self) -> "OutDir":
-        try:
-            self.state.mkdir(parents=True, exist_ok=True)
-            self._lock = open(self.path / ".kpatchtest.lock", "a")
-        except OSError as e:
-            raise (output_error(self.path, e) or e) from None
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InputError(f"{self.path}: another kpatchtest run is using this output directory",
-                             hint="wait for it, or pass a different --out") from None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._log_handler:
-            logging.getLogger().removeHandler(self._log_handler)
-            self._log_handler.close()
-        if self._lock:
-            self._lock.close()
-
-    def capture_library_logs(self) -> None:
-        """Send Python logging (paramiko's banner timeouts while a host boots, fabric,
-        kpatchtest's own records) to run.log here instead of the terminal."""
-        handler = _RunLog(self.path / "run.log", encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root = logging.getLogger()
-        root.addHandler(handler)
-        root.setLevel(min(root.level or logging.INFO, logging.INFO))
-        self._log_handler = handler
-
-    @property
-    def ref_prefix(self) -> str:
-        return "refs/kpatchtest/runs/" + hashlib.sha1(str(self.path.resolve()).encode()).hexdigest()[:12]
-
-    def cached(self, key: str) -> dict | None:
-        p = self.state / f"{key}.json"
-        try:
-            return json.loads(p.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def store(self, key: str, data: str) -> None:
-        write_atomic(self.state / f"{key}.json", data)
+def _reuse(stage: Stage, ctx: RunContext, unit, key: str | None):
+    if key is None or stage.name in ctx.opts.force:
+        return None
+    data = ctx.rundir.cached(stage.name, key)
+    if data is None:
+        return None
+    try:
+        record = stage.record_type.model_validate(data)
+    except ValidationError:          # written by another kpatchtest version: run again
+        return None
+    return record if stage.reusable(unit, record) else None
 
 
-def _apply_key(series: Series, target: BranchTarget, ctx: ApplyContext) -> str:
-    h = hashlib.sha256()
-    for part in (__version__, str(SCHEMA_VERSION), target.commit, ctx.base or "", ctx.upstream or "", str(ctx.hints),
-                 str(ctx.prerequisite_budget_s), *ctx.branches):
-        h.update(part.encode() + b"\0")
-    for p in series.patches:
-        h.update(rawtext.encode(f"{p.index}\0{p.subject}\0{p.upstream_commit}\0{p.diff}\0"))
-    return "apply-" + h.hexdigest()[:24]
+def run_stage(stage: Stage, ctx: RunContext, saver: _Saver) -> None:
+    """Prepare the stage, run its units (reusing stored records), record and save each."""
+    try:
+        stage.prepare()
+        units = list(stage.units())
+        if not units and isinstance(stage, WorkloadsStage):
+            return
+        with ctx.progress.stage(stage.name, len(units)):
+            def one(unit) -> None:
+                key = stage.key(unit)
+                record = _reuse(stage, ctx, unit, key)
+                reused = record is not None
+                if record is None:
+                    record = stage.run(unit)
+                    if key is not None:
+                        ctx.rundir.store(stage.name, key, record.model_dump_json())
+                with saver.lock:
+                    stage.record(unit, record)
+                    saver.save()
+                    ctx.progress.step(stage.label(unit), stage.describe(unit, record)
+                                      + (" (unchanged inputs, reused)" if reused else ""))
+
+            resource = getattr(stage, "resource", None)
+            groups: dict[object, list] = {}
+            for i, u in enumerate(units):      # units sharing a resource (a lab host) run in order
+                groups.setdefault(resource(u) if resource else i, []).append(u)
+            workers = len(groups) if resource else min(ctx.opts.jobs, len(groups))
+            if not stage.parallel or workers <= 1:
+                for u in units:
+                    one(u)
+                return
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=stage.name) as pool:
+                futures = [pool.submit(lambda us=us: [one(u) for u in us]) for us in groups.values()]
+                for f in futures:
+                    f.result()
+    finally:
+        stage.finish()
 
 
-def _base_for(series: Series, kernel: ResolvedKernel) -> str | None:
-    """Prerequisites are searched against the series' base-commit, else kernel.upstream."""
-    if series.base_commit:
-        sha = kernel.git.rev_parse(series.base_commit)
-        if sha:
-            return sha
-    return kernel.upstream
+def _plan(loaded: LoadedSpec, opts: RunOptions) -> None:
+    """Leave out the stages the spec has no section for (an error if asked for by --stages)."""
+    spec = loaded.spec
+    for stage, (section, example) in NEEDS.items():
+        if stage in opts.stages and getattr(spec, section) is None:
+            if opts.stages_explicit:
+                raise InputError(f"{loaded.path}: --stages {stage} needs a {section}: section in the spec",
+                                 hint=f"add {example}")
+            opts.stages = tuple(s for s in opts.stages if s != stage)
+    if "boot" in opts.stages and "build" not in opts.stages:
+        raise InputError("--stages boot needs the build stage too", hint="use --stages fetch,apply,build,boot")
+    if "workloads" in opts.stages and "boot" not in opts.stages:
+        raise InputError("--stages workloads needs the boot stage too (workloads run on booted kernels)",
+                         hint="use --stages fetch,apply,build,boot,workloads")
+    for s in opts.force:
+        if s not in STAGES:
+            raise InputError(f"--force: unknown stage {s!r}", hint=f"available: {', '.join(STAGES)}")
 
 
 def run(loaded: LoadedSpec, opts: RunOptions, progress: Progress | None = None) -> Outcome:
@@ -181,56 +191,42 @@ def run(loaded: LoadedSpec, opts: RunOptions, progress: Progress | None = None) 
             raise InputError(f"--branch {unknown[0]}: not a branch of {loaded.path}",
                              hint=f"branches there: {', '.join(sorted(known))}")
         branches = [b for b in branches if b.name in opts.branches]
-
-    result = RunResult(tool_version=__version__, name=spec.name, spec=str(loaded.path), started=_now())
-    fetch_opts = FetchOptions(cache_dir=opts.cache_dir, midmask=opts.midmask or spec.fetch.midmask,
-                              offline=opts.offline, attestation=spec.fetch.attestation)
-    for stage, (section, example) in NEEDS.items():
-        if stage in opts.stages and getattr(spec, section) is None:
-            if opts.stages_explicit:
-                raise InputError(f"{loaded.path}: --stages {stage} needs a {section}: section in the spec",
-                                 hint=f"add {example}")
-            opts.stages = tuple(s for s in opts.stages if s != stage)
-    if "boot" in opts.stages and "build" not in opts.stages:
-        raise InputError("--stages boot needs the build stage too", hint="use --stages fetch,apply,build,boot")
-    if "workloads" in opts.stages and "boot" not in opts.stages:
-        raise InputError("--stages workloads needs the boot stage too (workloads run on booted kernels)",
-                         hint="use --stages fetch,apply,build,boot,workloads")
-    recipe = build_stage.recipe_for(spec) if "build" in opts.stages else None   # bad fragments: exit 2 now
+    _plan(loaded, opts)
+    result = RunResult(tool_version=__version__, name=spec.name, spec=str(loaded.path), started=utcnow())
+    shared = {"branches": branches}
+    if "build" in opts.stages:
+        shared["recipe"] = recipe_for(spec)        # bad fragments: exit 2 now, before anything slow
     if "apply" in opts.stages:
         KernelCache(opts.cache_dir, spec.kernel.repo).preflight(branches)
     result.stages = list(opts.stages)
+    fetch_opts = FetchOptions(cache_dir=opts.cache_dir, midmask=opts.midmask or spec.fetch.midmask,
+                              offline=opts.offline, attestation=spec.fetch.attestation)
     with progress.stage("fetch", 1):
         series = fetch_series(spec.sources, fetch_opts, title=None)
         progress.step(series.title, f"{len(series.patches)} patch(es)")
         if series.title_note:
             progress.log(f"note: {series.title_note}")
     result.series = series_info(series)
+    for b in branches:                 # the record lists branches in the spec's order
+        result.branch(b.name)
 
-    with OutDir(opts.out) as out:
-        out.capture_library_logs()
+    with RunDir(opts.out) as rundir:
+        rundir.capture_library_logs()
+        ctx = RunContext(loaded=loaded, opts=opts, rundir=rundir, cache=CacheDir(opts.cache_dir), result=result,
+                         progress=progress, series=series, shared=shared)
+        saver = _Saver(ctx)
         if "apply" in opts.stages:
-            kernel = _apply_stage(loaded, opts, series, branches, result, out, progress)
-            if recipe is not None:
-                build_stage.run(kernel, recipe, spec, opts, result, progress)
-            if "boot" in opts.stages:
-                workloads = None
-                if "workloads" in opts.stages and spec.workloads is not None:
-                    workloads = Workloads(spec.workloads, opts.out, opts.cache_dir, offline=opts.offline,
-                                          jobs=spec.build.jobs or os.cpu_count() or 2, log=progress.log)
-                    workloads.prepare()
-                boot_stage.run(spec, loaded.base_dir, opts, result, progress,
-                               rounds=spec.workloads.rounds if workloads else 1, after_boot=workloads,
-                               nested=workloads is not None)
-        result.finished = _now()
+            for stage_cls in _ORDER:
+                if stage_cls.name in opts.stages:
+                    run_stage(stage_cls(ctx), ctx, saver)
+        result.finished = utcnow()
         evaluate_gates(loaded, result)
-        if _produced_nothing(result) and (opts.out / "results.json").exists():
+        if _produced_nothing(result) and rundir.results.exists():
             # a run whose branches all failed on input (or --stages fetch) must not replace a good record
-            progress.log(f"no branch produced a result: kept the previous {opts.out / 'results.json'} and its reports")
+            progress.log(f"no branch produced a result: kept the previous {rundir.results} and its reports")
             reports = []
         else:
-            # series.mbox goes with the record that refers to it, never ahead of it
-            reports = write_all(result, opts.out, extra={"series.mbox": series.as_mbox()})
+            reports = saver.save()
     code = EXIT_OK
     if any(b.error for b in result.branches):
         code = EXIT_INPUT
@@ -241,41 +237,3 @@ def run(loaded: LoadedSpec, opts: RunOptions, progress: Progress | None = None) 
 
 def _produced_nothing(result: RunResult) -> bool:
     return not any(b.apply or b.build or b.boot or b.workloads for b in result.branches)
-
-
-def _apply_stage(loaded: LoadedSpec, opts: RunOptions, series: Series, branches, result: RunResult,
-                 out: OutDir, progress: Progress) -> ResolvedKernel:
-    spec = loaded.spec
-    cache = KernelCache(opts.cache_dir, spec.kernel.repo)
-    with progress.stage("apply", len(branches)):
-        kernel = cache.resolve(branches, spec.kernel.upstream, opts.offline,
-                               on_branch=lambda name, msg: progress.log(f"{name}: {msg}"))
-        for name, err in kernel.errors.items():
-            if name.startswith("upstream "):
-                progress.log(f"warning: {err}; prerequisite hints need it")
-        base = _base_for(series, kernel)
-        scratch = out.state / "scratch"
-        scratch.mkdir(exist_ok=True)
-        ctx = ApplyContext(git=kernel.git, scratch=scratch, base=base, upstream=kernel.upstream,
-                           ref_prefix=out.ref_prefix, hints=opts.hints,
-                           branches=tuple(t.commit for t in kernel.targets),
-                           prerequisite_budget_s=spec.apply.prerequisite_budget_s)
-        targets = {t.name: t for t in kernel.targets}
-        for b in branches:
-            br = result.branch(b.name)
-            if b.name in kernel.errors:
-                br.error = kernel.errors[b.name]
-                progress.step(b.name, f"error: {br.error}")
-                continue
-            target = targets[b.name]
-            br.commit = target.commit
-            key = _apply_key(series, target, ctx)
-            cached = out.cached(key)
-            if cached and (not cached.get("patched_commit") or kernel.git.rev_parse(cached["patched_commit"])):
-                br.apply = ApplyResult.model_validate(cached)
-                progress.step(b.name, f"{br.apply.verdict} (unchanged inputs, reused)")
-                continue
-            br.apply = rawtext.displayable(apply_series(ctx, series, target))
-            out.store(key, br.apply.model_dump_json())
-            progress.step(b.name, f"{br.apply.verdict} in {br.apply.duration_s:.2f} s")
-    return kernel

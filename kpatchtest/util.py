@@ -5,9 +5,12 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import secrets
 from datetime import datetime, timezone
 from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
 
 from kpatchtest.errors import InputError
 
@@ -79,3 +82,15 @@ def write_atomic(path: Path, data: str | bytes) -> None:
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def slug(name: str) -> str:
+    """A ref- and file-safe name for a branch (branch names may hold anything)."""
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "branch"
+    return s[:80]
+
+
+class StrictModel(BaseModel):
+    """The base of every spec and result model: an unknown field is an error, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")

@@ -10,12 +10,14 @@ from __future__ import annotations
 import email.utils
 import re
 import time
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kpatchtest.apply.history import RangeIndex, is_ancestor, merge_base, oldest_fork_point, patch_id_of_diff
 from kpatchtest.apply.prereqs import ConflictSite, PrerequisiteFinder, SeriesMembers
 from kpatchtest.apply.workindex import WorkIndex
+from kpatchtest.util import slug  # noqa: F401  (re-exported: the apply stage names branches)
 from kpatchtest.diffparse import FileDiff, Hunk, parse_diff
 from kpatchtest.gitutil import Git
 from kpatchtest.patchset import Patch, Series
@@ -40,6 +42,8 @@ class ApplyContext:
     prerequisite_budget_s: float = 30.0     # per conflicting patch (spec apply.prerequisite_budget_s)
     _upstream: dict[str, RangeIndex] = field(default_factory=dict, compare=False, repr=False)
     _forks: dict[tuple[str, ...], str | None] = field(default_factory=dict, compare=False, repr=False)
+    # branches apply in parallel threads (--jobs): the shared upstream index is built once, under this
+    _lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
     def upstream_index(self, branch_commit: str) -> RangeIndex | None:
         """Upstream commits since the oldest fork point of the run's branches (and the base):
@@ -48,20 +52,15 @@ class ApplyContext:
             return None
         # every branch of a run asks with the same commits: the merge-bases are computed once
         commits = tuple(dict.fromkeys([*self.branches, branch_commit, *([self.base] if self.base else [])]))
-        if commits not in self._forks:
-            self._forks[commits] = oldest_fork_point(self.git, self.upstream, list(commits))
-        fork = self._forks[commits]
-        if fork is None:
-            return None
-        if fork not in self._upstream:
-            self._upstream[fork] = RangeIndex(self.git, self.upstream, fork)
-        return self._upstream[fork]
-
-
-def slug(name: str) -> str:
-    """A ref- and file-safe name for a branch (branch names may hold anything)."""
-    s = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "branch"
-    return s[:80]
+        with self._lock:
+            if commits not in self._forks:
+                self._forks[commits] = oldest_fork_point(self.git, self.upstream, list(commits))
+            fork = self._forks[commits]
+            if fork is None:
+                return None
+            if fork not in self._upstream:
+                self._upstream[fork] = RangeIndex(self.git, self.upstream, fork)
+            return self._upstream[fork]
 
 
 def verdict(statuses: list[str]) -> str:

@@ -88,7 +88,7 @@ class PrerequisiteFinder:
         self.branch_hist = branch_hist
         self.members = members
         self.budget_s = budget_s
-        self.index_path = scratch / "prereq.index"
+        self.index_path = scratch / f"prereq-{branch_commit[:16]}.index"   # one per branch: branches apply in parallel
         self._diffs: dict[str, str] = {}
         self._info: dict[str, _Commit] = {}
         self._pids: dict[str, str | None] = {}

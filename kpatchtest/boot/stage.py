@@ -1,67 +1,30 @@
-"""The boot stage: every built kernel, booted once on the lab's hosts.
+"""The boot stage: every built kernel booted `rounds` times on every lab host, with the
+spec's workloads run on each boot; one unit per BootJob.
 
-The local lab is a QEMU VM made to look like a lab box (SSH on a loopback port,
-console file, QMP power cycle), so it goes through the same Booter as hardware.
+Baseline and patched alternate per branch (B1 P1 B2 P2 ...), or each pair's order is
+drawn from a seeded RNG (`workloads.order: random`), so drift in the lab hits both
+sides alike. Jobs on one host run in order; hosts run concurrently. The stage does not
+know which lab it talks to: a Lab backend (lab/backend.py) runs each job.
 """
 
 from __future__ import annotations
 
-import contextlib
-import getpass
-import os
+import json
+import random
 from pathlib import Path
-from typing import Protocol
 
-import yaml
-from pydantic import ValidationError
-
-from kpatchtest.apply.engine import slug
-from kpatchtest.errors import InputError, KpatchtestError
-from kpatchtest.lab.local.lab import local_lab
-from kpatchtest.lab.ssh.boot import Booter, KernelToBoot
-from kpatchtest.lab.ssh.connection import HostConnection
-from kpatchtest.lab.ssh.hostlock import Quarantine, local_host_lock, remote_host_lock
-from kpatchtest.lab.ssh.inventory import LABS_DIR, HostSpec, LabSpec
-from kpatchtest.progress import Progress
-from kpatchtest.results import BootResult, BranchResult, BuildResult, RunResult
-from kpatchtest.spec import LabRef, Spec
-
-
-def load_lab(ref: LabRef, base_dir: Path) -> LabSpec:
-    """A named inventory (configs/labs/NAME.yaml) or a path to one."""
-    p = Path(ref.name).expanduser()
-    path = p if p.suffix in (".yaml", ".yml") else LABS_DIR / f"{ref.name}.yaml"
-    if not path.is_absolute() and not path.exists():
-        path = base_dir / path
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"lab {ref.name!r}: no inventory at {path}",
-                         hint=f"use lab: {{name: local}} or add {LABS_DIR}/{ref.name}.yaml") from None
-    except yaml.YAMLError as e:
-        raise InputError(f"{path}: malformed YAML: {e}") from None
-    try:
-        lab = LabSpec.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise InputError(f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-    hosts = lab.select(ref.tags)
-    if not hosts:
-        raise InputError(f"lab {lab.name}: no host has all tags {ref.tags}")
-    return LabSpec(name=lab.name, hosts=hosts)
+from kpatchtest import __version__
+from kpatchtest.lab.backend import BootJob, BootRecord, LabSetup, open_lab
+from kpatchtest.lab.ssh.boot import KernelToBoot
+from kpatchtest.results import BranchResult, BuildResult
+from kpatchtest.rundir import RunDir, input_key
+from kpatchtest.stage import Stage
 
 
 def _kernel(build: BuildResult, run_dir: Path, label: str, extra: str) -> KernelToBoot:
     mods = build.artifacts.get("modules")
     return KernelToBoot(build=label, bzimage=run_dir / build.artifacts["bzImage"], kernelrelease=build.kernelrelease or "",
                         modules=run_dir / mods if mods else None, extra_cmdline=extra)
-
-
-def _first_baseline(result: RunResult, run_dir: Path) -> Path | None:
-    for b in result.branches:
-        if b.build and b.build.baseline.status == "pass" and "bzImage" in b.build.baseline.artifacts:
-            return run_dir / b.build.baseline.artifacts["bzImage"]
-    return None
 
 
 def _bootable(b: BranchResult) -> list[tuple[str, BuildResult]]:
@@ -71,96 +34,102 @@ def _bootable(b: BranchResult) -> list[tuple[str, BuildResult]]:
             if r.status == "pass" and "bzImage" in r.artifacts]
 
 
-class AfterBoot(Protocol):
-    """What runs on a booted kernel under test before the host goes back (the workloads)."""
-
-    def run(self, host: HostSpec, branch: BranchResult, boot: BootResult) -> None: ...
-
-    def not_run(self, host: HostSpec, branch: BranchResult, boot: BootResult, reason: str) -> None: ...
-
-
-def run(spec: Spec, base_dir: Path, opts, result: RunResult, progress: Progress, *,
-        rounds: int = 1, after_boot: AfterBoot | None = None, nested: bool = False) -> None:
-    """Boot every build `rounds` times, baseline and patched alternating per branch
-    (B1 P1 B2 P2 ...); `after_boot` runs on each booted kernel (the workloads).
-    `nested`: the local lab's image carries QEMU and SeaBIOS for nested guests."""
-    ref = spec.lab
-    assert ref is not None
-    run_dir = Path(opts.out)
-    state = Path(opts.cache_dir) / "lab-state"
-    # The local lab is a fresh VM each run: its failures say nothing about the next run.
-    quarantine = Quarantine((run_dir / "lab" if ref.name == "local" else state) / "quarantine.json")
-    todo = [(b, label, r, n) for b in result.branches for n in range(1, rounds + 1) for label, r in _bootable(b)]
-    with progress.stage("boot", len(todo)):
-        if not todo:
-            progress.log("nothing built to boot")
-            return
-        with contextlib.ExitStack() as stack:
-            if ref.name == "local":
-                known_good = Path(ref.kernel) if ref.kernel else _first_baseline(result, run_dir)
-                assert known_good is not None
-                hosts = [stack.enter_context(local_lab(known_good, Path(opts.cache_dir), run_dir / "lab",
-                                                       memory_mb=ref.memory_mb, cpus=ref.cpus, nested=nested,
-                                                       log=progress.log))]
-            else:
-                hosts = load_lab(ref, base_dir).hosts
-            owner = f"{getpass.getuser()}@{os.uname().nodename} pid {os.getpid()} run {result.name}"
-            for host in hosts:
-                if quarantine.is_quarantined(host.name):
-                    progress.log(f"{host.name}: quarantined after repeated boot failures, skipped "
-                                 f"(clear with: kpatchtest lab clear {host.name})")
-                    for b, label, _, n in todo:
-                        b.boot.append(BootResult(build=label, status="skipped", host=host.name, round=n,
-                                                 reason="host quarantined"))
-                    continue
-                _boot_on(host, todo, run_dir, spec, quarantine, state, owner, progress, after_boot)
+def first_baseline(branches: list[BranchResult], run_dir: Path) -> Path | None:
+    """The local lab's known-good kernel by default: the first baseline that built."""
+    for b in branches:
+        if b.build and b.build.baseline.status == "pass" and "bzImage" in b.build.baseline.artifacts:
+            return run_dir / b.build.baseline.artifacts["bzImage"]
+    return None
 
 
-def _after_boot(host: HostSpec, b: BranchResult, res: BootResult, after_boot: AfterBoot, owner: str,
-                progress: Progress) -> None:
-    """The workloads, under the host's lock again (the reboot ended the channel that held it)."""
-    try:
-        with HostConnection(host, log=progress.log) as conn:
-            conn.open()
-            with remote_host_lock(conn, host.timeouts.lock_wait_s, owner):
-                after_boot.run(host, b, res)
-    except KpatchtestError as e:
-        progress.log(f"{host.name}: workloads not run on {b.name} {res.build}: {e}")
-        after_boot.not_run(host, b, res, str(e))
+def pair_order(rounds: int, order: str, seed: int, branch: str) -> list[tuple[int, tuple[str, str]]]:
+    """(round, (first, second)) per round: alternate is always baseline first; random draws each
+    pair's order from an RNG seeded by the spec's seed and the branch name (recorded, replayable)."""
+    rng = random.Random(f"{seed}:{branch}")
+    pairs = []
+    for n in range(1, rounds + 1):
+        first_patched = order == "random" and rng.random() < 0.5
+        pairs.append((n, ("patched", "baseline") if first_patched else ("baseline", "patched")))
+    return pairs
 
 
-def _boot_on(host: HostSpec, todo, run_dir: Path, spec: Spec, quarantine: Quarantine, state: Path, owner: str,
-             progress: Progress, after_boot: AfterBoot | None) -> None:
-    booter = Booter(host, run_dir, log=progress.log)
-    progress.log(HostConnection(host).route())     # once per host; every reconnect goes to run.log
-    try:
-        with local_host_lock(state, host.name, host.timeouts.lock_wait_s):
-            for b, label, build, n in todo:
-                rel = f"boot/{slug(b.name)}/{label}{f'-r{n}' if n > 1 else ''}/{slug(host.name)}"
-                try:
-                    conn = HostConnection(host, log=progress.log)
-                    conn.open()
-                    with remote_host_lock(conn, host.timeouts.lock_wait_s, owner):
-                        res = booter.boot(_kernel(build, run_dir, label, spec.lab.cmdline if spec.lab else ""), rel)
-                    conn.close()
-                except KpatchtestError as e:
-                    res = BootResult(build=label, status="boot-failed", host=host.name, method=host.boot,
-                                     reason=str(e), expected_release=build.kernelrelease)
-                res.round = n
-                b.boot.append(res)
-                if res.status == "booted" and after_boot is not None:
-                    _after_boot(host, b, res, after_boot, owner, progress)
-                if res.status == "booted" or res.recovered is False:
-                    try:
-                        if not booter.return_to_known_good():
-                            progress.log(f"{host.name}: did not come back on its known-good kernel")
-                    except KpatchtestError as e:
-                        progress.log(f"{host.name}: returning to the known-good kernel failed: {e}")
-                if quarantine.record(host.name, res.status == "booted", host.quarantine_after):
-                    progress.log(f"{host.name}: {host.quarantine_after} boot failures in a row: quarantined")
-                progress.step(f"{b.name} {label}" + (f" round {n}" if n > 1 else ""), f"{res.status} on {host.name} in {res.duration_s:.0f} s"
-                              + (f" ({res.reason})" if res.reason else "")
-                              + (f", {len(res.splats)} splat(s)" if res.splats else ""))
-    except KpatchtestError as e:      # host busy past the wait
-        for b, label, build, n in todo:
-            b.boot.append(BootResult(build=label, status="skipped", host=host.name, round=n, reason=str(e)))
+class BootStage(Stage[BootJob, BootRecord]):
+    name = "boot"
+    record_type = BootRecord
+    parallel = True         # across hosts; one host's jobs run in order (resource())
+
+    def prepare(self) -> None:
+        ctx = self.ctx
+        spec, opts = ctx.spec, ctx.opts
+        self.workloads = ctx.shared.get("workloads")        # prepared by the workloads stage, if it runs
+        ws = spec.workloads if self.workloads is not None else None
+        self.rounds = ws.rounds if ws else 1
+        self.order = getattr(ws, "order", "alternate") if ws else "alternate"
+        self.seed = getattr(ws, "seed", 1) if ws else 1
+        setup = LabSetup(run_dir=opts.out, cache_dir=opts.cache_dir, run_name=ctx.result.name,
+                         cmdline=spec.lab.cmdline, nested=self.workloads is not None,
+                         known_good=first_baseline(ctx.result.branches, opts.out), log=ctx.progress.log)
+        self._todo = [(b, label, r) for b in ctx.result.branches for label, r in _bootable(b)]
+        self.lab = None
+        if self._todo:
+            self.lab = open_lab(spec.lab, ctx.loaded.base_dir, setup).__enter__()
+        else:
+            ctx.progress.log("nothing built to boot")
+
+    def finish(self) -> None:
+        if self.lab is not None:
+            self.lab.__exit__(None, None, None)
+            self.lab = None
+
+    def units(self) -> list[BootJob]:
+        if self.lab is None:
+            return []
+        jobs = []
+        extra = self.ctx.spec.lab.cmdline
+        by_branch: dict[str, dict[str, BuildResult]] = {}
+        for b, label, r in self._todo:
+            by_branch.setdefault(b.name, {})[label] = r
+        for host in self.lab.hosts():
+            for name, builds in by_branch.items():
+                for n, pair in pair_order(self.rounds, self.order, self.seed, name):
+                    for label in pair:
+                        if label not in builds:
+                            continue
+                        jobs.append(BootJob(branch=name, build=label, round=n, host=host,
+                                            kernel=_kernel(builds[label], self.ctx.opts.out, label, extra),
+                                            boot_dir=RunDir.boot(name, label, n, host.name),
+                                            workloads_dir=RunDir.workloads(name, label, n, host.name),
+                                            workloads=self.workloads))
+        return jobs
+
+    @staticmethod
+    def resource(job: BootJob) -> str:
+        return job.host.name
+
+    def label(self, job: BootJob) -> str:
+        return f"{job.branch} {job.build}" + (f" round {job.round}" if self.rounds > 1 else "")
+
+    def key(self, job: BootJob) -> str:
+        """The kernel's bytes (by its content-addressed artifact), the host, the round, and every
+        setting of the lab and the workloads: change any and the boot runs again."""
+        spec = self.ctx.spec
+        return input_key(__version__, job.branch, job.build, job.round, job.host.model_dump_json(exclude={"port"}),
+                         Path(job.kernel.bzimage).resolve(), job.kernel.kernelrelease, job.kernel.extra_cmdline,
+                         spec.lab.model_dump_json(),
+                         json.dumps(spec.workloads.model_dump(mode="json"), sort_keys=True)
+                         if self.workloads is not None and spec.workloads is not None else "")
+
+    def run(self, job: BootJob) -> BootRecord:
+        assert self.lab is not None
+        return self.lab.run(job)
+
+    def record(self, job: BootJob, record: BootRecord) -> None:
+        b = self.ctx.result.branch(job.branch)
+        b.boot.append(record.boot)
+        if record.workloads is not None:
+            b.workloads.append(record.workloads)
+
+    def describe(self, job: BootJob, record: BootRecord) -> str:
+        res = record.boot
+        return (f"{res.status} on {res.host} in {res.duration_s:.0f} s" + (f" ({res.reason})" if res.reason else "")
+                + (f", {len(res.splats)} splat(s)" if res.splats else ""))

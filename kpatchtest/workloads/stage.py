@@ -1,21 +1,23 @@
 """The workloads stage: on each booted kernel under test, before the host goes back.
 
 Prepared once per run (kvm-unit-tests built on this machine, the SMM boot image
-written), then run by the boot stage on every boot (see boot_stage.AfterBoot): one
-WorkloadRun per build, host and round, appended to the branch's results.
+written); each BootJob of the boot stage then carries them to the lab backend, which
+runs them on the booted kernel before the host goes back: one WorkloadRun per build,
+host and round.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
-from kpatchtest.apply.engine import slug
 from kpatchtest.errors import KpatchtestError
 from kpatchtest.lab.ssh.connection import HostConnection
 from kpatchtest.lab.ssh.inventory import HostSpec
-from kpatchtest.results import BootResult, BranchResult, RunResult, WorkloadRun
+from kpatchtest.results import BootResult, RunResult, WorkloadRun
 from kpatchtest.spec import WorkloadsSpec
+from kpatchtest.stage import Stage
 from kpatchtest.workloads import kut
 from kpatchtest.workloads.record import WorkloadRecord
 from kpatchtest.workloads.smm_boot import NAME as SMM_NAME
@@ -60,20 +62,21 @@ class Workloads:
             guest_kernel = _first_baseline(result, self.run_dir) if result is not None else None
             self.smm_image = image_for(self.spec.smm_boot, self.run_dir / "workloads", guest_kernel)
 
-    # -- boot_stage.AfterBoot -----------------------------------------------------------
-    def run(self, host: HostSpec, branch: BranchResult, boot: BootResult) -> None:
+    # -- run by the lab backend on each booted kernel (lab/backend.py BootJob.workloads) ----
+    def run(self, host: HostSpec, branch: str, boot: BootResult, rel_dir: str) -> WorkloadRun:
+        """Every workload of the spec on the booted kernel; one workload's failure to run is
+        its own error record, the others still run."""
         wr = self._new_run(host, boot)
-        out = self.run_dir / "workloads" / slug(branch.name) / f"{boot.build}-r{boot.round}" / slug(host.name)
+        out = self.run_dir / rel_dir
         out.mkdir(parents=True, exist_ok=True)
-        say = lambda m: self.log(f"{branch.name} {boot.build}: {m}")  # noqa: E731
+        say = lambda m: self.log(f"{branch} {boot.build}: {m}")  # noqa: E731
         conn = HostConnection(host, log=self.log)
         try:
             conn.open()
         except KpatchtestError as e:
             wr.error = f"{host.name}: {e}"
             say(f"workloads not run: {e}")
-            branch.workloads.append(wr)
-            return
+            return wr
         # One workload's failure to run (a deploy that fails, a host that stops answering)
         # is that workload's error record; the others still run and keep their results.
         try:
@@ -91,17 +94,17 @@ class Workloads:
                     wr.records.append(self._error_record(SMM_NAME, SMM_NAME, e, say))
         finally:
             conn.close()
-        branch.workloads.append(wr)
+        return wr
 
     @staticmethod
     def _error_record(name: str, group: str, e: KpatchtestError, say: Callable[[str], None]) -> WorkloadRecord:
         say(f"{name}: {e}")
         return WorkloadRecord(name=name, status="error", group=group, detail=str(e))
 
-    def not_run(self, host: HostSpec, branch: BranchResult, boot: BootResult, reason: str) -> None:
+    def not_run(self, host: HostSpec, boot: BootResult, reason: str) -> WorkloadRun:
         wr = self._new_run(host, boot)
         wr.error = f"{host.name}: not run: {reason}"
-        branch.workloads.append(wr)
+        return wr
 
     def _new_run(self, host: HostSpec, boot: BootResult) -> WorkloadRun:
         return WorkloadRun(build=boot.build, host=host.name, round=boot.round, kernelrelease=boot.kernelrelease,
@@ -116,3 +119,20 @@ class Workloads:
         kut.deploy_kut(conn, self.kut_tree, REMOTE_KUT)
         return kut.run_kut(conn, REMOTE_KUT, list(k.tests), list(k.groups), dict(k.env), k.timeout_s,
                            out / "kvm-unit-tests", tap=k.tap, run_dir=self.run_dir, log=say)
+
+
+class WorkloadsStage(Stage[None, WorkloadRun]):
+    """Prepares the workloads once per run; they run inside the boot stage's jobs."""
+
+    name = "workloads"
+    record_type = WorkloadRun
+
+    def prepare(self) -> None:
+        ctx = self.ctx
+        w = Workloads(ctx.spec.workloads, ctx.opts.out, ctx.opts.cache_dir, offline=ctx.opts.offline,
+                      jobs=ctx.spec.build.jobs or os.cpu_count() or 2, log=ctx.progress.log)
+        w.prepare()
+        ctx.shared["workloads"] = w
+
+    def units(self) -> list[None]:
+        return []

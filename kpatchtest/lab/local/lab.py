@@ -7,10 +7,14 @@ import contextlib
 from pathlib import Path
 from typing import Callable, Iterator
 
+from kpatchtest.errors import InputError
+from kpatchtest.lab.backend import LabSetup
 from kpatchtest.lab.local.image import LabImage, build_image
 from kpatchtest.lab.local.qemu import DEFAULT_CMDLINE, LocalVM, VMConfig
 from kpatchtest.lab.ssh.connection import HostConnection
 from kpatchtest.lab.ssh.inventory import HostSpec, PowerCommands, Timeouts
+from kpatchtest.lab.ssh.lab import SshLab
+from kpatchtest.spec import LabRef
 
 LOCAL_TIMEOUTS = Timeouts(connect_s=5, boot_s=180, command_s=300, lock_wait_s=600)
 
@@ -46,3 +50,33 @@ def local_lab(known_good: Path, cache_dir: Path, work: Path, *, memory_mb: int =
         yield host
     finally:
         vm.stop()
+
+
+class LocalLab(SshLab):
+    """The SSH lab with one host: a fresh QEMU VM per run, started on entry, stopped on exit.
+
+    Its quarantine lives in the run directory: a fresh VM's failures say nothing about
+    the next run's."""
+
+    kind = "local"
+
+    def __init__(self, ref: LabRef, setup: LabSetup):
+        super().__init__([], setup, quarantine_file=setup.run_dir / "lab" / "quarantine.json")
+        self.ref = ref
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "LocalLab":
+        known_good = Path(self.ref.kernel) if self.ref.kernel else self.setup.known_good
+        if known_good is None:
+            raise InputError("lab local: no kernel to start the VM on (nothing built and no lab.kernel)",
+                             hint="build a baseline first, or set lab: {name: local, kernel: PATH}")
+        with contextlib.ExitStack() as stack:
+            host = stack.enter_context(local_lab(known_good, self.setup.cache_dir, self.setup.run_dir / "lab",
+                                                 memory_mb=self.ref.memory_mb, cpus=self.ref.cpus,
+                                                 nested=self.setup.nested, log=self.setup.log))
+            self._stack = stack.pop_all()
+        self._hosts = [host]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
