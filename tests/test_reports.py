@@ -482,6 +482,7 @@ def test_html_plots_links_and_csp(compared, tmp_path):
     r, run_dir = compared
     page = html.render(r)
     assert "style=" not in page and "<style" not in page and "<script" not in page.lower()
+    assert "data:" not in page and "<image" not in page
     # the forest plot, a strip plot per measured metric (root_puts has no value); no apply: no heatmap
     assert page.count("<svg") == 1 + 4
     assert '<link rel=stylesheet href="report.css">' in page
@@ -503,6 +504,7 @@ def test_html_heatmap_by_status(result):
     r, _ = result
     page = html.render(r)
     assert page.count("<svg") == 1 and "style=" not in page and "<style" not in page
+    assert "data:" not in page                  # no raster images: img-src 'self' would block them
     heat = page[page.index("<svg"):page.index("</svg>")]
     for colour in ("#8fd19e", "#f1948a", "#9ec5fe"):           # applied, conflict, already present
         assert colour in heat
