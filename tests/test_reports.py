@@ -509,3 +509,45 @@ def test_html_heatmap_by_status(result):
     for colour in ("#8fd19e", "#f1948a", "#9ec5fe"):           # applied, conflict, already present
         assert colour in heat
     assert "CONFLICT tdp_mmu.c:1" in heat                      # the cell says what the matrix says
+
+
+CSP = "sandbox; default-src 'none'; img-src 'self'; style-src 'self';"      # Jenkins' default
+
+
+@pytest.mark.slow
+def test_html_under_jenkins_csp_in_chromium(compared, tmp_path):
+    """Served with Jenkins' CSP header, headless Chromium loads report.css and reports no
+    violation (an inline style, a data: image or a script would each log one)."""
+    import functools
+    import http.server
+    import shutil
+    import subprocess
+    import threading
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium (apt-get install chromium)")
+    r, run_dir = compared
+    write_all(r, run_dir)
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def end_headers(self):
+            self.send_header("Content-Security-Policy", CSP)
+            super().end_headers()
+
+        def log_message(self, fmt, *args):
+            requests.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(run_dir)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        p = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+                            "--v=0", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+                            f"http://127.0.0.1:{server.server_port}/report.html"],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        server.shutdown()
+    assert "Content Security Policy" not in p.stderr, [x for x in p.stderr.splitlines() if "Security" in x][:3]
+    assert "/report.css" in requests
+    assert p.stdout.count("<svg") == 5 and "lore.kernel.org/r/" in p.stdout

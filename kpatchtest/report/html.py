@@ -52,7 +52,7 @@ td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 .applied-3way,.three-way{background:#ffd}
 .conflict,.skipped,.partial,.ERROR,.v-slower,.v-more,.gate-failed{background:#fdd}
 pre{background:#f6f6f6;padding:6px;overflow:auto}ul.bad{margin:4px 0;padding-left:1.2em}
-figure{margin:1em 0}figure svg{max-width:100%;height:auto}figcaption{font-size:90%;color:#444}
+figure{margin:1em 0}.plots{display:flex;flex-wrap:wrap;gap:0 1.5em}.plots figure{max-width:24em}figure svg{max-width:100%;height:auto}figcaption{font-size:90%;color:#444}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 """
 _BAD_WORDS = ("FAIL", "NEW", "SPLAT", "ERROR", "TIMEOUT", "NOT RUN")
@@ -169,8 +169,8 @@ def _distributions(result: RunResult) -> list[str]:
         if groups:
             svg = plots.strip(f"{workload}: {metric}", unit, groups, f"strip{n}")
             h.append(f"<figure>{svg}<figcaption>{escape(workload)} {escape(metric)} ({escape(unit)}): every "
-                     "repetition of every round a point, B = baseline, P = patched, bar = median.</figcaption></figure>")
-    return ["<h2>Metric distributions</h2>"] + h if h else []
+                     "repetition of every round a point (blue: baseline, orange: patched), bar: the median.</figcaption></figure>")
+    return ["<h2>Metric distributions</h2>", '<div class="plots">', *h, "</div>"] if h else []
 
 
 def _comparisons(result: RunResult) -> list[str]:
@@ -191,16 +191,15 @@ def _comparisons(result: RunResult) -> list[str]:
                  "<th>baseline</th><th>patched</th><th>ratio [95% CI]</th><th>p</th><th>rounds x reps</th>"
                  "<th>verdict</th></tr>")
         for m in b.compare.metrics:
-            num = lambda v: "n/a" if v is None else escape(fmt_value(v))
+            num = lambda v: "n/a" if v is None else escape(fmt_value(v) + (f" {m.unit}" if m.unit else ""))
             gate = gates.get(m.name)
             verdict = escape(m.verdict) + (f"; gate FAILED: {escape(gate.actual)}" if gate else "") + (
                 f" ({escape(m.why)})" if m.why else "")
             cls = "gate-failed" if gate else f"v-{m.verdict}" if m.verdict in SIGNIFICANT else ""
             h.append(f"<tr><td>{escape(m.workload)}</td><td>{escape(m.name)}</td><td>{escape(m.host)}</td>"
-                     f'<td class="num">{num(m.baseline_median)} {escape(m.unit)}</td>'
-                     f'<td class="num">{num(m.patched_median)} {escape(m.unit)}</td>'
+                     f'<td class="num">{num(m.baseline_median)}</td><td class="num">{num(m.patched_median)}</td>'
                      f'<td class="num">{escape(ratio_text(m).removeprefix("ratio "))}</td>'
-                     f'<td class="num">{escape(p_text(m.p_value))}</td>'
+                     f'<td class="num">{escape(p_text(m.p_value).removeprefix("p "))}</td>'
                      f'<td class="num">{m.rounds} x {m.repetitions}</td><td class="{cls}">{verdict}</td></tr>')
         h.append("</table>")
         bad = [t for t in b.compare.tests if t.verdict not in ("unchanged-pass",)]

@@ -129,9 +129,10 @@ def strip(title: str, unit: str, groups: list[tuple[str, dict[str, list[float]]]
                            label=build if g == 0 else None, linewidths=0)
                 if values:
                     ax.hlines(median(values), x0 - 0.35, x0 + 0.35, color="#222222", linewidth=1.2)
-                ticks.append(x0)
-                names.append(f"{build[0].upper()}\n{label}" if k == 0 else "P")
+            ticks.append(g * 3 + 0.5)
+            names.append(label)
         ax.set_xticks(ticks, names, fontsize=7)
+        ax.set_xlim(-0.8, len(groups) * 3 - 1.2)
         ax.set_ylabel(unit)
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7, frameon=False, loc="best")
