@@ -27,7 +27,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from kpatchtest.errors import FetchError, GitError
 from kpatchtest.fetch import b4, cache, mail
@@ -42,6 +42,8 @@ RAW_TIMEOUT = 60            # seconds to fetch one mail as sent from the archive
 
 @dataclass(frozen=True)
 class FetchOptions:
+    """How the stage fetches: from where, whether online, under which attestation policy."""
+
     cache_dir: Path                 # cache root; fetched series go under cache_dir/"series"/<key>
     midmask: str | None = None      # b4 -c b4.midmask=...; e.g. "http://127.0.0.1:PORT/INBOX/%s"
     offline: bool = False           # never touch the network: serve from cache or fail
@@ -49,8 +51,9 @@ class FetchOptions:
     keyring: Path | None = None     # patatt keyring dir for b4 (b4.keyringsrc); None: b4's default
 
     def b4_runner(self) -> b4.B4:
+        """b4 as these options run it, its scratch dirs under cache_dir/b4."""
         return b4.B4(scratch=Path(self.cache_dir) / "b4", attestation=self.attestation,
-                  midmask=self.midmask, keyring=self.keyring)
+                     midmask=self.midmask, keyring=self.keyring)
 
 
 def fetch_series(sources: Sequence[Source], opts: FetchOptions, title: str | None = None) -> Series:
@@ -105,7 +108,7 @@ def fetch_series(sources: Sequence[Source], opts: FetchOptions, title: str | Non
     )
 
 
-def _policy_check(opts: FetchOptions, what: str):
+def _policy_check(opts: FetchOptions, what: str) -> Callable[[Fetched], None]:
     """attestation=hardfail: every mailed patch must carry a passing signature."""
     def check(fetched: Fetched) -> None:
         if opts.attestation != "hardfail":
@@ -120,10 +123,6 @@ def _policy_check(opts: FetchOptions, what: str):
     return check
 
 
-def _key(kind: str, ident: str, version: int | None, opts: FetchOptions) -> str:
-    return cache.key(kind, ident, version, opts.attestation, opts.keyring)
-
-
 # ---- the three sources
 
 def _fetch_msgid(src: MsgidSource, opts: FetchOptions) -> Fetched:
@@ -132,7 +131,7 @@ def _fetch_msgid(src: MsgidSource, opts: FetchOptions) -> Fetched:
     if not msgid or " " in msgid:
         raise FetchError(f"invalid message-id {src.msgid!r}",
                          hint="give it as in the Message-Id header, e.g. 20230426220323.3079789-1-seanjc@google.com")
-    key = _key("msgid", msgid, src.version, opts)
+    key = cache.key("msgid", msgid, src.version, opts.attestation, opts.keyring)
     check = _policy_check(opts, what)
     if opts.offline:
         return cache.fetch(opts.cache_dir, key, what, None, use_cache=True, check=check)
@@ -180,7 +179,7 @@ def _fetch_mbox(src: MboxSource, opts: FetchOptions) -> Fetched:
     if not data.strip():
         raise FetchError(f"{what}: file is empty", hint="write the series into it (b4 mbox MSGID, or git format-patch --stdout)")
     digest = sha256_text(data)
-    key = _key("mbox", digest, None, opts)
+    key = cache.key("mbox", digest, None, opts.attestation, opts.keyring)
     path = path.resolve()
 
     def produce(tmp: Path) -> None:
