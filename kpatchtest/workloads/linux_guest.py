@@ -273,16 +273,19 @@ def clean_line(text: str) -> str:
 def phases(t0: float, t1: float | None, lines: list[tuple[float, str]]) -> Phases:
     """(uptime, line) pairs of the serial console -> phase starts. The firmware phase
     starts with QEMU (t0); the bootloader with GRUB's first line; decompress with GRUB's
-    line before `boot`; the kernel with the next line that is not GRUB's own (a `boot`
-    that failed prints errors and a rescue prompt); init with init's line."""
+    line before `boot`, unless GRUB printed an error before it (the kernel or initrd did
+    not load); the kernel with the next line that is not GRUB's own; init with init's line."""
     starts = {"firmware": t0}
+    failed = False
     for t, raw in lines:
         line = clean_line(raw)
         if not line:
             continue
         if "bootloader" not in starts and GRUB_START in line:
             starts["bootloader"] = t
-        elif "bootloader" in starts and "decompress" not in starts and GRUB_BOOT in line:
+        elif "bootloader" in starts and "decompress" not in starts and GRUB_OWN.match(line):
+            failed = True                   # `linux` or `initrd` failed: GRUB's `boot` will too
+        elif "bootloader" in starts and "decompress" not in starts and GRUB_BOOT in line and not failed:
             starts["decompress"] = t
         elif "decompress" in starts and "kernel" not in starts and not GRUB_OWN.match(line):
             starts["kernel"] = t

@@ -161,11 +161,12 @@ class LocalRunner:
 
     def run(self, argv: Sequence[str], *, timeout: float | None = None,
             check: bool = True) -> LocalResult:
-        p = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                           stdin=subprocess.DEVNULL)
-        r = LocalResult(shlex.join(argv), p.returncode, p.stdout, p.stderr)
+        # bytes, decoded here: text=True would turn a guest console's bare \r into a line break
+        p = subprocess.run(list(argv), capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        out, err = (b.decode("utf-8", errors="replace") for b in (p.stdout, p.stderr))
+        r = LocalResult(shlex.join(argv), p.returncode, out, err)
         if check and p.returncode != 0:
-            raise subprocess.CalledProcessError(p.returncode, argv, p.stdout, p.stderr)
+            raise subprocess.CalledProcessError(p.returncode, argv, out, err)
         return r
 
 
@@ -274,8 +275,10 @@ def parse_serial(stdout: str) -> SerialLog | None:
         pass
     if m is None:
         return None
-    lines = [(float(s[1]), s[2].rstrip("\r")) for s in _SERIAL_LINE.finditer(stdout)]
-    return SerialLog(float(m[2]), float(m[3]), lines)
+    t1 = float(m[3])
+    # a last line without a newline is read at EOF, after t1: it arrived by QEMU's exit
+    lines = [(min(float(s[1]), t1), s[2].rstrip("\r")) for s in _SERIAL_LINE.finditer(stdout)]
+    return SerialLog(float(m[2]), t1, lines)
 
 
 def parse_run_output(stdout: str) -> tuple[int | None, float | None, dict[str, int]]:
