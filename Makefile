@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := git xz-utils public-inbox linux-source-6.1 linux-source-6.12 \
 	build-essential flex bison bc libelf-dev libssl-dev cpio ccache \
 	qemu-system-x86 qemu-utils seabios busybox-static dropbear-bin kexec-tools \
-	openssh-client openssh-server openssh-sftp-server util-linux
+	openssh-client openssh-server openssh-sftp-server util-linux grub-pc-bin mtools
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup system venv demo test clean
