@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
+
+from kpatchtest.util import StrictModel
 
 
-class _Source(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Source(StrictModel):
+    model_config = ConfigDict(frozen=True)      # a loaded spec's sources do not change under a run
 
 
 class MsgidSource(_Source):
