@@ -50,6 +50,16 @@ reports what the kernels did.
 Under TCG the lab kernel gets `tsc_early_khz=` (the host's TSC rate): when its TSC
 calibration fails (common on a loaded host) tsc_khz is 0 and KVM never enters a guest.
 
+The Linux guest (`--guest linux` or `both`; kpatchtest.workloads.linux_guest): GRUB on
+SeaBIOS loads a real bzImage (`--guest-kernel`, default the newest kernel measured: the
+same L2 kernel on every host kernel) and a tiny initramfs through int 13h on AHCI, the
+kernel decompresses and runs init, which exits QEMU. Per kernel: the phases (firmware,
+bootloader, decompress, kernel, init; from the console, timestamped on L1), SMM
+transitions and roots over the whole boot, the guest time with a 95% CI (t interval of
+the mean over the repetitions, probed and plain runs apart), and the ratio first/second
+kernel of the plain guest time with the compare stage's CI (kpatchtest.compare.stats:
+hierarchical bootstrap, each repetition its own round; needs 3 repetitions or more).
+
 Measured here (2 shared cores, TCG, 1 L1 CPU; 200 reads): 5.10.223 806 SMM transitions,
 811 root lookups, 811 roots created and freed, 3866 TDP pages; 6.1.192 806, 811, 7 and 7,
 46 pages; wall time without probes about 1.5x longer on 5.10.
@@ -73,12 +83,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from kpatchtest.compare.stats import compare as compare_stats  # noqa: E402
 from kpatchtest.kernelrepo import default_cache_dir  # noqa: E402
 from kpatchtest.lab.local.lab import local_lab  # noqa: E402
 from kpatchtest.lab.local.qemu import detect_accel  # noqa: E402
 from kpatchtest.lab.ssh.connection import HostConnection  # noqa: E402
+from kpatchtest.spec import SmmBootSpec  # noqa: E402
+from kpatchtest.workloads import linux_guest as LG  # noqa: E402
 from kpatchtest.workloads.probes import PROBES  # noqa: E402
-from kpatchtest.workloads.smm import SmmBootRun, guest_memory_mb, run_probed, upload_image, write_image  # noqa: E402
+from kpatchtest.workloads.smm import (  # noqa: E402
+    SmmBootRun,
+    guest_memory_mb,
+    run_probed,
+    upload_image,
+    write_image,
+)
+from kpatchtest.workloads.smm_boot import boot_run  # noqa: E402
 
 CMDLINE = "kvm.tdp_mmu=1"
 # Metrics with a candidate on a hot kernel function (see kpatchtest.workloads.probes).
@@ -204,6 +224,17 @@ class Cell:
 
 
 @dataclass
+class LinuxCell:
+    """The Linux guest on one host kernel: per-repetition values, probed and plain runs apart."""
+
+    counts: dict[str, list[int | None]] = field(default_factory=lambda: {m: [] for m in METRICS})
+    phases: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in LG.PHASES})
+    probed_s: list[float] = field(default_factory=list)
+    plain_s: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+@dataclass
 class KernelRun:
     kernel: Kernel
     release: str = "?"
@@ -215,6 +246,7 @@ class KernelRun:
     notes: dict[str, list[str]] = field(default_factory=dict)  # metric -> distinct notes over the runs
     missed: dict[str, list[int]] = field(default_factory=dict)  # metric -> [missed, hits + missed], summed
     cells: dict[tuple[int, int], Cell] = field(default_factory=dict)
+    linux: LinuxCell | None = None
     error: str = ""
 
 
@@ -245,7 +277,41 @@ def _seconds(r) -> float:
     return r.guest_s if r.guest_s is not None else r.wall_s
 
 
-def measure(k: Kernel, args: argparse.Namespace, images: dict[int, Path], work: Path) -> KernelRun:
+def measure_linux(conn: HostConnection, args: argparse.Namespace, image: Path, kr: KernelRun) -> None:
+    """`--repeat` probed and `--timing-repeat` plain boots of the Linux guest (interleaved)."""
+    remote = upload_image(conn, image, f"/tmp/{image.name}")
+    run = boot_run(SmmBootSpec(guest="linux", timeout_s=args.timeout), remote)
+    cell = kr.linux = LinuxCell()
+    for i in range(max(args.repeat, args.timing_repeat)):
+        for mode, n in (("probed", args.repeat), ("plain", args.timing_repeat)):
+            if i >= n:
+                continue
+            if mode == "probed":
+                pb = run_probed(conn, run)
+                r, readings = pb.boot, pb.probes
+            else:
+                r, readings = run.run(conn), {}
+            ph = LG.phases(r.serial.t0, r.serial.t1, r.serial.lines) if r.serial else None
+            durations = ph.durations() if ph else {}
+            print(f"  linux {mode} #{i + 1}: {r.status} in {_seconds(r):.2f} s"
+                  + "".join(f" {p}={v}" for p, v in durations.items() if v is not None)
+                  + "".join(f" {m}={rd.value}" for m, rd in readings.items() if m in METRICS), file=sys.stderr)
+            if r.status != "pass":
+                cell.failures.append(f"linux {mode} #{i + 1}: {r.status}: {r.detail}"
+                                     + (f"; reached {ph.reached}" if ph else ""))
+                continue
+            (cell.probed_s if mode == "probed" else cell.plain_s).append(_seconds(r))
+            if mode == "plain":     # phases without the probes' overhead
+                for p, v in durations.items():
+                    if v is not None:
+                        cell.phases[p].append(v)
+            for m in METRICS:
+                if readings:
+                    cell.counts[m].append(readings[m].value if m in readings else None)
+
+
+def measure(k: Kernel, args: argparse.Namespace, images: dict[int, Path], work: Path,
+            linux_image: Path | None = None) -> KernelRun:
     kr = KernelRun(k)
     t = time.monotonic()
     try:
@@ -299,8 +365,9 @@ def measure(k: Kernel, args: argparse.Namespace, images: dict[int, Path], work: 
                         if note and note not in notes:
                             notes.append(note)
 
-                boot(args.spreads[0], "plain", -1)      # warm-up: page cache, first-VM costs
-                for spread in args.spreads:
+                if images:
+                    boot(args.spreads[0], "plain", -1)      # warm-up: page cache, first-VM costs
+                for spread in (args.spreads if images else []):
                     cell = kr.cells.setdefault((args.reads, spread), Cell())
                     for i in range(max(args.repeat, args.timing_repeat)):
                         for mode, n in (("probed", args.repeat), ("plain", args.timing_repeat)):
@@ -329,6 +396,8 @@ def measure(k: Kernel, args: argparse.Namespace, images: dict[int, Path], work: 
                                 cell.failures.append(f"hot #{i + 1}: {r.status}: {r.detail}")
                             elif readings:
                                 record(cell, missing, readings)
+                if linux_image is not None:
+                    measure_linux(conn, args, linux_image, kr)
             finally:
                 conn.close()
     except Exception as e:      # report, do not assert: the other kernel may still measure
@@ -360,6 +429,12 @@ def _med(vals: list) -> float | None:
 def _version_key(kr: KernelRun) -> tuple:
     m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", kr.release)
     return tuple(int(x or 0) for x in m.groups()) if m else (999,)
+
+
+def _kernel_version(k: Kernel) -> tuple:
+    """The version in a kernel's label or path (debian-6.1, 6.1.192-kpt...), before it boots."""
+    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", f"{k.label} {k.bzimage}")
+    return tuple(int(x or 0) for x in m.groups()) if m else (0,)
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -429,6 +504,53 @@ def table(runs: list[KernelRun], args: argparse.Namespace) -> str:
     return "\n".join(out)
 
 
+def _ci(vals: list[float]) -> str:
+    """Mean and 95% t interval over the repetitions (n/a below 2)."""
+    import numpy as np
+    from scipy import stats as sps
+    if not vals:
+        return "n/a"
+    m = float(np.mean(vals))
+    if len(vals) < 2:
+        return f"{m:.2f} (n=1)"
+    h = float(sps.t.ppf(0.975, len(vals) - 1) * np.std(vals, ddof=1) / np.sqrt(len(vals)))
+    return f"{m:.2f} [{m - h:.2f}, {m + h:.2f}] (n={len(vals)})"
+
+
+def linux_table(runs: list[KernelRun]) -> str:
+    """The Linux guest: one row per host kernel, then the ratio of the first two."""
+    done = [kr for kr in runs if kr.linux is not None]
+    if not done:
+        return ""
+    head = (["kernel", "tdp_mmu"] + [f"{p} s" for p in LG.PHASES]
+            + ["SMM transitions", "root lookups", "root allocs", "roots freed", "TDP pages alloc",
+               "guest s plain, mean [95% CI]", "guest s probed, mean [95% CI]"])
+    lines = ["\nLinux guest (GRUB -> bzImage -> init), phases from plain runs (median (min-max)):\n",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for kr in done:
+        c = kr.linux
+        lines.append("| " + " | ".join(
+            [kr.release, kr.tdp_mmu] + [_fmt_s(c.phases[p]) for p in LG.PHASES]
+            + [_fmt(c.counts[m]) for m in ("smm_transitions", "root_lookups", "root_allocs", "roots_freed",
+                                             "tdp_pages_allocated")]
+            + [_ci(c.plain_s), _ci(c.probed_s)]) + " |")
+    if len(done) >= 2:
+        a, b = done[0], done[1]
+        n = min(len(a.linux.plain_s), len(b.linux.plain_s))
+        est = compare_stats([[v] for v in b.linux.plain_s[:n]], [[v] for v in a.linux.plain_s[:n]],
+                            direction="lower", time=True, threshold=0.05, resamples=10000, seed=1)
+        ci = (f"[{est.ci_low:.2f}, {est.ci_high:.2f}]" if est.ci_low is not None and est.ci_high is not None
+              else f"no interval ({est.why})")
+        ratio = f"{est.ratio:.2f}x" if est.ratio is not None else "n/a"
+        lines.append(f"\nGuest time ratio {a.release} / {b.release} (plain runs, ratio of medians, 95% CI "
+                     f"from kpatchtest.compare.stats, each repetition a round): {ratio} {ci}; "
+                     f"root allocs {_ratio(_med(a.linux.counts['root_allocs']), _med(b.linux.counts['root_allocs']))}")
+    for kr in done:
+        for f in kr.linux.failures:
+            lines.append(f"- {kr.release}: {f}")
+    return "\n".join(lines)
+
+
 def _fmt_s(vals: list[float]) -> str:
     if not vals:
         return "n/a"
@@ -449,6 +571,9 @@ def main() -> int:
     ap.add_argument("--timing-repeat", type=int, default=3, help="boots without probes per (kernel, spread)")
     ap.add_argument("--timeout", type=float, default=180.0, help="limit per nested boot, s")
     ap.add_argument("--lab-memory", type=int, default=1024, help="MB of the lab VM (L1)")
+    ap.add_argument("--guest", choices=("bootsector", "linux", "both"), default="bootsector",
+                    help="the L2 guest: the boot sector (--reads, --spreads), the Linux guest, or both")
+    ap.add_argument("--guest-kernel", type=Path, help="the Linux guest's bzImage (default: the newest kernel measured)")
     ap.add_argument("--no-hot-probes", dest="hot_probes", action="store_false",
                     help="skip probes on hot kernel functions (6.x roots freed: _raw_spin_lock "
                          "called from kvm_tdp_mmu_put_root)")
@@ -463,13 +588,21 @@ def main() -> int:
         return 1
     work = Path(tempfile.mkdtemp(prefix="kpt-smm-physics-"))
     print(f"work dir (images, lab console logs): {work}", file=sys.stderr)
-    images = {s: write_image(work / f"smm-r{args.reads}-s{s}.img", args.reads, spread_mb=s) for s in args.spreads}
+    images = ({s: write_image(work / f"smm-r{args.reads}-s{s}.img", args.reads, spread_mb=s) for s in args.spreads}
+              if args.guest != "linux" else {})
+    linux_image = None
+    if args.guest != "bootsector":
+        guest_kernel = args.guest_kernel or max(kernels, key=_kernel_version).bzimage
+        linux_image = LG.cached_image(guest_kernel, work).path
+        print(f"linux guest: {guest_kernel} -> {linux_image} ({linux_image.stat().st_size} bytes)", file=sys.stderr)
     runs = []
     for k in kernels:
         print(f"== {k.label}: {k.bzimage}", file=sys.stderr)
-        runs.append(measure(k, args, images, work))
+        runs.append(measure(k, args, images, work, linux_image))
     runs.sort(key=_version_key)
-    print(table(runs, args))
+    if images:
+        print(table(runs, args))
+    print(linux_table(runs))
     return 0
 
 

@@ -162,7 +162,7 @@ class LocalRunner:
     def run(self, argv: Sequence[str], *, timeout: float | None = None,
             check: bool = True) -> LocalResult:
         # bytes, decoded here: text=True would turn a guest console's bare \r into a line break
-        p = subprocess.run(list(argv), capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        p = subprocess.run(list(argv), capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
         out, err = (b.decode("utf-8", errors="replace") for b in (p.stdout, p.stderr))
         r = LocalResult(shlex.join(argv), p.returncode, out, err)
         if check and p.returncode != 0:
@@ -255,7 +255,7 @@ class SmmBootResult:
     kvm_stats: dict[str, int] = field(default_factory=dict)  # summed over the run's VMs
     stdout: str = ""
     stderr: str = ""
-    serial: "SerialLog | None" = None   # with SmmBootRun.serial_path: the timestamped console
+    serial: SerialLog | None = None   # with SmmBootRun.serial_path: the timestamped console
 
 
 @dataclass(frozen=True)
