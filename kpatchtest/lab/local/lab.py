@@ -4,6 +4,9 @@ HostSpec as a hardware box (SSH on a loopback port, console command, QMP power c
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -30,6 +33,27 @@ def local_host(vm: LocalVM, image: LabImage, known_hosts: Path, name: str = "loc
                     timeouts=timeouts, tags=["local", "amd", "svm"])
 
 
+def reap_stale_vm(work: Path) -> bool:
+    """Kill the QEMU a killed run left behind in `work` (its pidfile names it, its command
+    line names `work`): the run directory is locked by this run, so that VM is no one's."""
+    try:
+        pid = int((work / "qemu.pid").read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return False
+    if not any(str(work).encode() in arg for arg in cmdline):
+        return False                 # the pid was reused by something else
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    for _ in range(100):
+        if not Path(f"/proc/{pid}").exists():
+            break
+        time.sleep(0.05)
+    return True
+
+
 @contextlib.contextmanager
 def local_lab(known_good: Path, cache_dir: Path, work: Path, *, memory_mb: int = 1024, cpus: int = 2,
               nested: bool = False, extra_cmdline: str = "",
@@ -40,6 +64,8 @@ def local_lab(known_good: Path, cache_dir: Path, work: Path, *, memory_mb: int =
     "kvm.tdp_mmu=1"); kernels kexec'd later inherit it through /proc/cmdline."""
     image = build_image(cache_dir, nested=nested)
     work.mkdir(parents=True, exist_ok=True)
+    if reap_stale_vm(work):
+        log(f"local lab: stopped the VM a killed run left in {work}")
     vm = LocalVM(work, VMConfig(kernel=known_good, initrd=image.initramfs, memory_mb=memory_mb, cpus=cpus,
                                 cmdline=f"{DEFAULT_CMDLINE} {extra_cmdline}".strip()))
     vm.start()
