@@ -1,0 +1,1 @@
+"""Boot: every build booted per lab host and round, with its workloads (entry: stage.BootStage)."""

@@ -1,3 +1,3 @@
-"""The lab: hosts reached over SSH, with power and console commands (labgrid-style:
-a target is resources + drivers + a boot strategy, so hardware and the local QEMU lab
-share one boot path)."""
+"""The lab: where kernels boot. `backend.py` is the contract (a Lab runs BootJobs);
+`ssh/` drives hosts over SSH (inventory, host locks, boot methods), `local/` is a QEMU VM
+made to look like such a host, so both share one boot path."""
