@@ -17,10 +17,10 @@ import pytest
 import yaml
 
 from kpatchtest.cli import main
-from tests.conftest_lab import DEMO_SPEC
 from tests.kernelhist import build
 
 ROOT = Path(__file__).resolve().parent.parent
+DEMO_SPEC = ROOT / "series" / "demo.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -58,8 +58,8 @@ class Workloads:
                 self.kut_error = str(e)
                 self.log(f"kvm-unit-tests: {e}")
         if self.spec.smm_boot is not None:
-            from kpatchtest.boot.stage import _first_baseline
-            guest_kernel = _first_baseline(result, self.run_dir) if result is not None else None
+            from kpatchtest.boot.stage import first_baseline
+            guest_kernel = first_baseline(result.branches, self.run_dir) if result is not None else None
             self.smm_image = image_for(self.spec.smm_boot, self.run_dir / "workloads", guest_kernel)
 
     # -- run by the lab backend on each booted kernel (lab/backend.py BootJob.workloads) ----
@@ -131,7 +131,7 @@ class WorkloadsStage(Stage[None, WorkloadRun]):
         ctx = self.ctx
         w = Workloads(ctx.spec.workloads, ctx.opts.out, ctx.opts.cache_dir, offline=ctx.opts.offline,
                       jobs=ctx.spec.build.jobs or os.cpu_count() or 2, log=ctx.progress.log)
-        w.prepare()
+        w.prepare(ctx.result)
         ctx.shared["workloads"] = w
 
     def units(self) -> list[None]:
