@@ -199,7 +199,7 @@ def kut_source(source: str | Path, ref: str | None, cache_dir: Path, offline: bo
     return _export(repo, commit, cache_dir, {"source": url, "ref": want})
 
 
-# -- build and deploy --------------------------------------------------------------------
+# -- build ---------------------------------------------------------------------------------
 
 _BUILD_IGNORE = shutil.ignore_patterns(".git", "logs", "logs.old", "*.o", "*.d", ".*.d", "*.a")
 
