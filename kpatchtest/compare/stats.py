@@ -67,7 +67,10 @@ def _medians_of_resamples(data: np.ndarray, n: np.ndarray, idx: np.ndarray, rng:
     if (n == m).all():
         return np.median(vals.reshape(b, r * m), axis=1)
     vals[np.arange(m) >= nn[..., None]] = np.nan                    # a short round draws only its own count
-    return np.nanmedian(vals.reshape(b, r * m), axis=1)
+    ordered = np.sort(vals.reshape(b, r * m), axis=1)               # NaN sorts last (np.nanmedian loops per row)
+    count = nn.sum(axis=1)
+    rows = np.arange(b)
+    return (ordered[rows, (count - 1) // 2] + ordered[rows, count // 2]) / 2
 
 
 def bootstrap_ratios(baseline: list[list[float]], patched: list[list[float]], resamples: int,
