@@ -12,7 +12,7 @@ import pytest
 
 from kpatchtest.compare import stats
 from kpatchtest.compare.metrics import metric_info
-from kpatchtest.compare.stage import compare_branch, compare_run, needs_reruns
+from kpatchtest.compare.stage import compare_branch, compare_run, needs_reruns, round_orders
 from kpatchtest.compare.tests import classify, new_splats
 from kpatchtest.results import BootResult, BranchResult, RunResult, SplatInfo, WorkloadRun, load, save
 from kpatchtest.spec import parse_spec
@@ -338,3 +338,14 @@ def test_order_is_recorded():
     s = spec("workloads: {smm_boot: {}, order: random, seed: 9}\n")
     compare_run(r, s)
     assert r.branches[0].compare.order == "random"
+
+
+def test_round_orders():
+    alt = spec("workloads: {smm_boot: {}, rounds: 4}\n").workloads
+    assert round_orders(alt) == [("baseline", "patched")] * 4
+    rnd = spec("workloads: {smm_boot: {}, rounds: 20, order: random, seed: 5}\n").workloads
+    orders = round_orders(rnd)
+    assert orders == round_orders(rnd) and len(orders) == 20            # seeded: the same every time
+    assert set(orders) == {("baseline", "patched"), ("patched", "baseline")}
+    other = spec("workloads: {smm_boot: {}, rounds: 20, order: random, seed: 6}\n").workloads
+    assert round_orders(other) != orders

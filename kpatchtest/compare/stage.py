@@ -11,12 +11,16 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+import numpy as np
+
 from kpatchtest.compare import stats
 from kpatchtest.compare.metrics import metric_info
 from kpatchtest.compare.model import BranchComparison, MetricComparison
 from kpatchtest.compare.tests import classify, new_splats, reruns_missing
 from kpatchtest.results import BranchResult, RunResult
-from kpatchtest.spec import CompareSpec, Spec
+from kpatchtest.spec import CompareSpec, Spec, WorkloadsSpec
+
+Build = str     # "baseline" | "patched"
 
 
 @dataclass(frozen=True)
@@ -107,3 +111,13 @@ def needs_reruns(branch: BranchResult, spec: Spec) -> list[RerunNeed]:
         done[w.host] = max(done[w.host], w.rerun)
     return [RerunNeed(host=h, tests=tuple(n for n, _ in ts), times=max(m for _, m in ts), first_rerun=done[h] + 1)
             for h, ts in sorted(by_host.items())]
+
+
+def round_orders(workloads: WorkloadsSpec) -> list[tuple[Build, Build]]:
+    """Which kernel boots first in each round: B then P (alternate), or each pair's order drawn
+    from a generator seeded with workloads.seed (random), so the same spec boots the same way.
+    The boot stage records what it did by the order of its BootResults."""
+    if workloads.order == "alternate":
+        return [("baseline", "patched")] * workloads.rounds
+    flips = np.random.default_rng(workloads.seed).integers(0, 2, size=workloads.rounds)
+    return [("patched", "baseline") if f else ("baseline", "patched") for f in flips]
