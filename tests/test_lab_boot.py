@@ -88,6 +88,24 @@ def test_boot_patched_kernel_and_prove_it(host, patched_kernel, tmp_path):
     assert not list(tmp_path.rglob("PWNED")) and not Path("PWNED").exists()
 
 
+def test_initrd_comes_from_the_vm_disk_unless_the_disk_holds_another(host, patched_kernel, tmp_path):
+    """The local lab's initrd is copied from its virtio disk, not uploaded; an initrd the
+    disk does not carry (here: the image plus NUL padding, which the kernel's unpacker
+    skips) is uploaded, and both boot."""
+    _, bz, release = patched_kernel
+    said: list[str] = []
+    res = Booter(host, tmp_path, log=said.append).boot(kernel(bz, release, tmp_path), "boot/disk")
+    assert res.status == "booted", (res.reason, res.console_excerpt)
+    assert any("copied from /dev/vd" in m for m in said), said
+    other = tmp_path / "other-initrd.img"
+    other.write_bytes(Path(host.initrd).read_bytes() + b"\0" * 512)
+    said.clear()
+    res = Booter(host.model_copy(update={"initrd": str(other)}), tmp_path, log=said.append).boot(
+        kernel(bz, release, tmp_path), "boot/upload")
+    assert res.status == "booted", (res.reason, res.console_excerpt)
+    assert not any("copied from" in m for m in said), said
+
+
 def test_kernel_that_panics_ends_boot_failed_and_host_recovers(host, patched_kernel, lab_kernel, tmp_path):
     _, bz, release = patched_kernel
     booter = Booter(host, tmp_path)

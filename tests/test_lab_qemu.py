@@ -5,6 +5,7 @@ power cycle as a shell command. Boot times are printed (run with -s to see them)
 from __future__ import annotations
 
 import gzip
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -123,12 +124,14 @@ def test_detect_accel_here_and_override(monkeypatch):
 def test_tcg_kernel_command_line_sets_the_tsc_rate(monkeypatch, tmp_path):
     """Under TCG the lab kernel's TSC calibration can fail (tsc_khz 0), and then KVM runs
     no nested guest at all: a TCG lab VM boots with tsc_early_khz=<the host's rate>."""
-    from kpatchtest.lab import qemu
+    from kpatchtest.lab.local import qemu
     khz = qemu.host_tsc_khz()
     assert khz is None or khz > 100_000
     monkeypatch.setattr(qemu, "host_tsc_khz", lambda: 2596130)
     assert qemu.tcg_cmdline("console=ttyS0") == "console=ttyS0 tsc_early_khz=2596130"
     assert qemu.tcg_cmdline("a tsc_early_khz=1000 b") == "a tsc_early_khz=1000 b"
+    for f in ("k", "i"):
+        (tmp_path / f).write_bytes(b"x")
     vm = LocalVM(tmp_path, VMConfig(kernel=tmp_path / "k", initrd=tmp_path / "i", cmdline="console=ttyS0"), 2222)
     vm.accel = "tcg"
     argv = vm.qemu_argv()
@@ -136,6 +139,27 @@ def test_tcg_kernel_command_line_sets_the_tsc_rate(monkeypatch, tmp_path):
     vm.accel = "kvm"
     argv = vm.qemu_argv()
     assert argv[argv.index("-append") + 1] == "console=ttyS0"
+
+
+def test_initrd_disk_is_named_by_content_and_optional(tmp_path):
+    """The initrd rides along as a read-only virtio disk whose serial is its content's
+    digest: the booter finds it by that serial, so another file never passes for it."""
+    from kpatchtest.lab.ssh.boot import initrd_disk_serial
+    kernel, initrd = tmp_path / "k", tmp_path / "dir,with,commas" / "initrd"
+    initrd.parent.mkdir()
+    kernel.write_bytes(b"k")
+    initrd.write_bytes(b"initrd one")
+    serial = initrd_disk_serial(initrd)
+    assert serial.startswith("kpt") and len(serial) == 20     # virtio-blk serials hold 20 bytes
+    argv = LocalVM(tmp_path, VMConfig(kernel=kernel, initrd=initrd), 2222).qemu_argv()
+    drive = argv[argv.index("-drive") + 1]
+    assert drive == f"file={tmp_path}/dir,,with,,commas/initrd,if=none,id=initrd,format=raw,readonly=on"
+    assert f"virtio-blk-pci,drive=initrd,serial={serial}" in argv
+    time.sleep(0.01)
+    initrd.write_bytes(b"initrd two")
+    assert initrd_disk_serial(initrd) != serial                # a changed file is another disk
+    off = LocalVM(tmp_path, VMConfig(kernel=kernel, initrd=initrd, initrd_disk=False), 2222).qemu_argv()
+    assert "-drive" not in off and not any("virtio-blk" in a for a in off)
 
 
 # -- the VM ------------------------------------------------------------------------------------
@@ -190,6 +214,21 @@ def test_console_command_follows_the_serial_console(local_vm, lab_ssh):
     finally:
         follower.kill()
         follower.wait()
+
+
+def test_vm_carries_its_initrd_on_a_read_only_disk(local_vm, lab_ssh, lab_image):
+    """The guest sees the image as a disk with the content serial, byte for byte (the disk
+    is padded to whole sectors), and cannot write to it."""
+    from kpatchtest.lab.ssh.boot import initrd_disk_serial
+    size = lab_image.initramfs.stat().st_size
+    assert lab_ssh.run("cat /sys/block/vda/serial").stdout.strip() == initrd_disk_serial(lab_image.initramfs)
+    assert lab_ssh.run("cat /sys/block/vda/ro").stdout.strip() == "1"
+    assert int(lab_ssh.run("cat /sys/block/vda/size").stdout) * 512 >= size
+    t0 = time.monotonic()
+    guest = lab_ssh.run(f"head -c {size} /dev/vda | sha256sum").stdout.split()[0]
+    print(f"initrd from the disk: {size / 1e6:.1f} MB read and hashed in the VM in {time.monotonic() - t0:.1f} s")
+    assert guest == hashlib.sha256(lab_image.initramfs.read_bytes()).hexdigest()
+    assert lab_ssh.run("echo x | dd of=/dev/vda conv=fsync 2>&1", check=False).returncode != 0
 
 
 def test_kexec_into_uploaded_kernel_brings_ssh_back_with_new_boot_id(local_vm, lab_ssh, lab_kernel, lab_image):
