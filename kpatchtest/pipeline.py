@@ -22,6 +22,7 @@ from kpatchtest import __version__
 from kpatchtest.apply.stage import ApplyStage
 from kpatchtest.boot.stage import BootStage
 from kpatchtest.build.stage import BuildStage, recipe_for
+from kpatchtest.compare.stage import CompareStage, needs_reruns
 from kpatchtest.errors import EXIT_GATE, EXIT_INPUT, EXIT_OK, InputError
 from kpatchtest.fetch.stage import FetchOptions, fetch_series
 from kpatchtest.gates import evaluate_gates
@@ -36,14 +37,14 @@ from kpatchtest.stage import RunContext, Stage
 from kpatchtest.util import user_path, utcnow
 from kpatchtest.workloads.stage import WorkloadsStage
 
-STAGES = ("fetch", "apply", "build", "boot", "workloads")
-FUTURE_STAGES = ("compare",)
+STAGES = ("fetch", "apply", "build", "boot", "workloads", "compare")
 # The order stages run in: the workloads are prepared before the boots that carry them.
-_ORDER = (ApplyStage, BuildStage, WorkloadsStage, BootStage)
+_ORDER = (ApplyStage, BuildStage, WorkloadsStage, BootStage, CompareStage)
 # The spec section a stage needs; without it the stage is left out (or, asked for explicitly, an error).
 NEEDS = {"build": ("configs", "configs: {base: tinyconfig, fragments: [x86_64-base.config, kvm.config]}"),
          "boot": ("lab", "lab: {name: local}"),
-         "workloads": ("workloads", "workloads: {smm_boot: {reads: 200}}")}
+         "workloads": ("workloads", "workloads: {smm_boot: {reads: 200}}"),
+         "compare": ("workloads", "workloads: {rounds: 3, smm_boot: {reads: 200}}")}
 
 
 @dataclass
@@ -70,8 +71,6 @@ def parse_stages(text: str | None, flag: str = "--stages") -> tuple[str, ...]:
         return STAGES
     stages = tuple(s.strip() for s in text.split(",") if s.strip())
     for s in stages:
-        if s in FUTURE_STAGES:
-            raise InputError(f"{flag}: stage {s!r} is not implemented yet", hint=f"available: {', '.join(STAGES)}")
         if s not in STAGES:
             raise InputError(f"{flag}: unknown stage {s!r}", hint=f"available: {', '.join(STAGES)}")
     return stages
@@ -161,6 +160,19 @@ def run_stage(stage: Stage, ctx: RunContext, saver: _Saver) -> None:
         stage.finish()
 
 
+def _confirm_regressions(ctx: RunContext, saver: _Saver) -> None:
+    """A test that passed on baseline and failed on patched in every round is booted again on
+    both kernels compare.reruns times before it is called a regression (else: flaky)."""
+    for _ in range(2):          # the second pass only if the first pass's reruns changed what is needed
+        needs = {b.name: n for b in ctx.result.branches if (n := needs_reruns(b, ctx.spec))}
+        if not needs:
+            return
+        ctx.progress.log("confirming " + "; ".join(f"{b}: {', '.join(t for n in ns for t in n.tests)}"
+                                                   for b, ns in needs.items()))
+        run_stage(BootStage(ctx, reruns=needs), ctx, saver)
+        run_stage(CompareStage(ctx), ctx, saver)
+
+
 def _plan(loaded: LoadedSpec, opts: RunOptions) -> None:
     """Leave out the stages the spec has no section for (an error if asked for by --stages)."""
     spec = loaded.spec
@@ -175,6 +187,9 @@ def _plan(loaded: LoadedSpec, opts: RunOptions) -> None:
     if "workloads" in opts.stages and "boot" not in opts.stages:
         raise InputError("--stages workloads needs the boot stage too (workloads run on booted kernels)",
                          hint="use --stages fetch,apply,build,boot,workloads")
+    if "compare" in opts.stages and "workloads" not in opts.stages:
+        raise InputError("--stages compare needs the workloads stage too (it compares their results)",
+                         hint="use --stages fetch,apply,build,boot,workloads,compare")
     for s in opts.force:
         if s not in STAGES:
             raise InputError(f"--force: unknown stage {s!r}", hint=f"available: {', '.join(STAGES)}")
@@ -219,6 +234,8 @@ def run(loaded: LoadedSpec, opts: RunOptions, progress: Progress | None = None) 
             for stage_cls in _ORDER:
                 if stage_cls.name in opts.stages:
                     run_stage(stage_cls(ctx), ctx, saver)
+            if "compare" in opts.stages:
+                _confirm_regressions(ctx, saver)
         result.finished = utcnow()
         evaluate_gates(loaded, result)
         if _produced_nothing(result) and rundir.results.exists():

@@ -141,6 +141,7 @@ class BootResult(_Model):
     build: Literal["baseline", "patched"]
     status: BootStatus
     round: int = 1                  # workloads.rounds: the n-th boot of this build
+    rerun: int = 0                  # > 0: a boot the compare stage asked for to confirm a regression
     reason: str = ""
     host: str | None = None
     method: str | None = None       # kexec | grub-reboot | command

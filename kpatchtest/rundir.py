@@ -68,6 +68,7 @@ class RunDir:
     def workloads(branch: str, build: str, round_: int, host: str) -> str:
         return f"workloads/{slug(branch)}/{build}-r{round_}/{slug(host)}"
 
+
     @property
     def ref_prefix(self) -> str:
         """Private refs of this run in the cache repo (patched heads), never the user's."""

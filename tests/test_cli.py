@@ -109,7 +109,7 @@ def test_lore_msgid_through_b4_adhoc_apply(tmp_path, lore, lore_repo, cache):
 @pytest.mark.parametrize("args, message", [
     (["run", "/nonexistent/spec.yaml"], "spec file not found"),
     (["run", "SPEC", "--stages", "fetch,bake"], "unknown stage 'bake'"),
-    (["run", "SPEC", "--stages", "compare"], "stage 'compare' is not implemented yet"),
+    (["run", "SPEC", "--stages", "compare"], "--stages compare needs a workloads: section"),
     (["run", "SPEC", "--stages", "workloads"], "--stages workloads needs a workloads: section"),
     (["run", "SPEC", "--stages", "fetch,apply,build,boot"], "--stages build needs a configs: section"),
     (["run", "SPEC", "--stages", "fetch,apply,build"], "--stages build needs a configs: section"),

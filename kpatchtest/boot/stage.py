@@ -3,17 +3,17 @@ spec's workloads run on each boot; one unit per BootJob.
 
 Baseline and patched alternate per branch (B1 P1 B2 P2 ...), or each pair's order is
 drawn from a seeded RNG (`workloads.order: random`), so drift in the lab hits both
-sides alike. Jobs on one host run in order; hosts run concurrently. The stage does not
+sides alike. The compare stage may ask for confirmation boots (reruns) of both kernels. Jobs on one host run in order; hosts run concurrently. The stage does not
 know which lab it talks to: a Lab backend (lab/backend.py) runs each job.
 """
 
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 from kpatchtest import __version__
+from kpatchtest.compare.stage import RerunNeed, round_orders
 from kpatchtest.lab.backend import BootJob, BootRecord, LabSetup, open_lab
 from kpatchtest.lab.ssh.boot import KernelToBoot
 from kpatchtest.results import BranchResult, BuildResult
@@ -42,21 +42,15 @@ def first_baseline(branches: list[BranchResult], run_dir: Path) -> Path | None:
     return None
 
 
-def pair_order(rounds: int, order: str, seed: int, branch: str) -> list[tuple[int, tuple[str, str]]]:
-    """(round, (first, second)) per round: alternate is always baseline first; random draws each
-    pair's order from an RNG seeded by the spec's seed and the branch name (recorded, replayable)."""
-    rng = random.Random(f"{seed}:{branch}")
-    pairs = []
-    for n in range(1, rounds + 1):
-        first_patched = order == "random" and rng.random() < 0.5
-        pairs.append((n, ("patched", "baseline") if first_patched else ("baseline", "patched")))
-    return pairs
-
-
 class BootStage(Stage[BootJob, BootRecord]):
     name = "boot"
     record_type = BootRecord
     parallel = True         # across hosts; one host's jobs run in order (resource())
+
+    def __init__(self, ctx, reruns: "dict[str, list[RerunNeed]] | None" = None):
+        """reruns: the compare stage's confirmation boots per branch, instead of the rounds."""
+        super().__init__(ctx)
+        self.reruns = reruns
 
     def prepare(self) -> None:
         ctx = self.ctx
@@ -64,8 +58,7 @@ class BootStage(Stage[BootJob, BootRecord]):
         self.workloads = ctx.shared.get("workloads")        # prepared by the workloads stage, if it runs
         ws = spec.workloads if self.workloads is not None else None
         self.rounds = ws.rounds if ws else 1
-        self.order = getattr(ws, "order", "alternate") if ws else "alternate"
-        self.seed = getattr(ws, "seed", 1) if ws else 1
+        self.orders = round_orders(ws) if ws else [("baseline", "patched")]
         setup = LabSetup(run_dir=opts.out, cache_dir=opts.cache_dir, run_name=ctx.result.name,
                          cmdline=spec.lab.cmdline, nested=self.workloads is not None,
                          known_good=first_baseline(ctx.result.branches, opts.out), log=ctx.progress.log)
@@ -89,17 +82,23 @@ class BootStage(Stage[BootJob, BootRecord]):
         by_branch: dict[str, dict[str, BuildResult]] = {}
         for b, label, r in self._todo:
             by_branch.setdefault(b.name, {})[label] = r
+        def job(name: str, label: str, host, n: int, rerun: int = 0, only: tuple[str, ...] = ()) -> BootJob:
+            return BootJob(branch=name, build=label, round=n, host=host, rerun=rerun, only=only,
+                           kernel=_kernel(by_branch[name][label], self.ctx.opts.out, label, extra),
+                           boot_dir=RunDir.boot(name, label, n, host.name),
+                           workloads_dir=RunDir.workloads(name, label, n, host.name), workloads=self.workloads)
+
         for host in self.lab.hosts():
             for name, builds in by_branch.items():
-                for n, pair in pair_order(self.rounds, self.order, self.seed, name):
-                    for label in pair:
-                        if label not in builds:
-                            continue
-                        jobs.append(BootJob(branch=name, build=label, round=n, host=host,
-                                            kernel=_kernel(builds[label], self.ctx.opts.out, label, extra),
-                                            boot_dir=RunDir.boot(name, label, n, host.name),
-                                            workloads_dir=RunDir.workloads(name, label, n, host.name),
-                                            workloads=self.workloads))
+                if self.reruns is not None:
+                    # a rerun is one more boot of each kernel, numbered after the rounds
+                    for need in (n for n in self.reruns.get(name, []) if n.host == host.name):
+                        for k in range(need.first_rerun, need.first_rerun + need.times):
+                            jobs += [job(name, label, host, self.rounds + k, k, need.tests)
+                                     for label in ("baseline", "patched") if label in builds]
+                    continue
+                for n, pair in enumerate(self.orders, start=1):
+                    jobs += [job(name, label, host, n) for label in pair if label in builds]
         return jobs
 
     @staticmethod
@@ -107,13 +106,16 @@ class BootStage(Stage[BootJob, BootRecord]):
         return job.host.name
 
     def label(self, job: BootJob) -> str:
+        if job.rerun:
+            return f"{job.branch} {job.build} rerun {job.rerun} ({', '.join(job.only)})"
         return f"{job.branch} {job.build}" + (f" round {job.round}" if self.rounds > 1 else "")
 
     def key(self, job: BootJob) -> str:
         """The kernel's bytes (by its content-addressed artifact), the host, the round, and every
         setting of the lab and the workloads: change any and the boot runs again."""
         spec = self.ctx.spec
-        return input_key(__version__, job.branch, job.build, job.round, job.host.model_dump_json(exclude={"port"}),
+        return input_key(__version__, job.branch, job.build, job.round, job.rerun, *job.only,
+                         job.host.model_dump_json(exclude={"port"}),
                          Path(job.kernel.bzimage).resolve(), job.kernel.kernelrelease, job.kernel.extra_cmdline,
                          spec.lab.model_dump_json(),
                          json.dumps(spec.workloads.model_dump(mode="json"), sort_keys=True)

@@ -19,6 +19,7 @@ from kpatchtest.compare.model import BranchComparison, MetricComparison
 from kpatchtest.compare.tests import classify, new_splats, reruns_missing
 from kpatchtest.results import BranchResult, RunResult
 from kpatchtest.spec import CompareSpec, Spec, WorkloadsSpec
+from kpatchtest.stage import Stage
 
 Build = str     # "baseline" | "patched"
 
@@ -121,3 +122,29 @@ def round_orders(workloads: WorkloadsSpec) -> list[tuple[Build, Build]]:
         return [("baseline", "patched")] * workloads.rounds
     flips = np.random.default_rng(workloads.seed).integers(0, 2, size=workloads.rounds)
     return [("patched", "baseline") if f else ("baseline", "patched") for f in flips]
+
+
+class CompareStage(Stage[BranchResult, BranchComparison]):
+    """One unit per branch that ran workloads; pure, so no step cache (it takes milliseconds)."""
+
+    name = "compare"
+    record_type = BranchComparison
+
+    def units(self) -> list[BranchResult]:
+        return [b for b in self.ctx.result.branches if b.workloads]
+
+    def label(self, unit: BranchResult) -> str:
+        return unit.name
+
+    def run(self, unit: BranchResult) -> BranchComparison:
+        return compare_branch(unit, self.ctx.spec)
+
+    def record(self, unit: BranchResult, record: BranchComparison) -> None:
+        unit.compare = record
+
+    def describe(self, unit: BranchResult, record: BranchComparison) -> str:
+        changed = [m for m in record.metrics if m.verdict in ("faster", "slower", "less", "more")]
+        regressions = record.regressions()
+        return (f"{len(regressions)} regression(s), " if regressions else "no regression, ") + \
+            (f"{len(changed)} metric change(s): " + ", ".join(f"{m.name} {m.verdict}" for m in changed[:4])
+             if changed else "no significant metric change")

@@ -35,6 +35,8 @@ class BootJob:
     boot_dir: str               # run-directory paths (RunDir.boot / RunDir.workloads)
     workloads_dir: str
     workloads: "Workloads | None" = None
+    rerun: int = 0              # > 0: a confirmation boot for the compare stage
+    only: tuple[str, ...] = ()  # with rerun: just these tests (kvm-unit-tests names, "smm-boot")
 
 
 class BootRecord(StrictModel):

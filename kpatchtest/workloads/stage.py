@@ -63,10 +63,13 @@ class Workloads:
             self.smm_image = image_for(self.spec.smm_boot, self.run_dir / "workloads", guest_kernel)
 
     # -- run by the lab backend on each booted kernel (lab/backend.py BootJob.workloads) ----
-    def run(self, host: HostSpec, branch: str, boot: BootResult, rel_dir: str) -> WorkloadRun:
-        """Every workload of the spec on the booted kernel; one workload's failure to run is
-        its own error record, the others still run."""
+    def run(self, host: HostSpec, branch: str, boot: BootResult, rel_dir: str,
+            only: tuple[str, ...] = ()) -> WorkloadRun:
+        """Every workload of the spec on the booted kernel (`only`: just these tests, for the
+        compare stage's reruns); one workload's failure to run is its own error record, the
+        others still run."""
         wr = self._new_run(host, boot)
+        kut_only = [t for t in only if t != SMM_NAME]
         out = self.run_dir / rel_dir
         out.mkdir(parents=True, exist_ok=True)
         say = lambda m: self.log(f"{branch} {boot.build}: {m}")  # noqa: E731
@@ -80,12 +83,12 @@ class Workloads:
         # One workload's failure to run (a deploy that fails, a host that stops answering)
         # is that workload's error record; the others still run and keep their results.
         try:
-            if self.spec.kvm_unit_tests is not None:
+            if self.spec.kvm_unit_tests is not None and (kut_only or not only):
                 try:
-                    wr.records += self._kvm_unit_tests(conn, out, say)
+                    wr.records += self._kvm_unit_tests(conn, out, say, kut_only)
                 except KpatchtestError as e:
                     wr.records.append(self._error_record("kvm-unit-tests", kut.GROUP, e, say))
-            if self.spec.smm_boot is not None and self.smm_image is not None:
+            if self.spec.smm_boot is not None and self.smm_image is not None and (SMM_NAME in only or not only):
                 try:
                     record, wr.probes = run_smm_boot(conn, self.spec.smm_boot, self.smm_image,
                                                      self.spec.repetitions, out / "smm-boot", self.run_dir, log=say)
@@ -107,17 +110,19 @@ class Workloads:
         return wr
 
     def _new_run(self, host: HostSpec, boot: BootResult) -> WorkloadRun:
-        return WorkloadRun(build=boot.build, host=host.name, round=boot.round, kernelrelease=boot.kernelrelease,
-                           repetitions=self.spec.repetitions)
+        return WorkloadRun(build=boot.build, host=host.name, round=boot.round, rerun=boot.rerun,
+                           kernelrelease=boot.kernelrelease, repetitions=self.spec.repetitions)
 
-    def _kvm_unit_tests(self, conn: HostConnection, out: Path, say: Callable[[str], None]) -> list[WorkloadRecord]:
+    def _kvm_unit_tests(self, conn: HostConnection, out: Path, say: Callable[[str], None],
+                        only: list[str]) -> list[WorkloadRecord]:
         k = self.spec.kvm_unit_tests
         assert k is not None
         if self.kut_tree is None:
             return [WorkloadRecord(name="kvm-unit-tests", status="error", group=kut.GROUP,
                                    detail=f"not built: {self.kut_error}")]
         kut.deploy_kut(conn, self.kut_tree, REMOTE_KUT)
-        return kut.run_kut(conn, REMOTE_KUT, list(k.tests), list(k.groups), dict(k.env), k.timeout_s,
+        tests, groups = (only, []) if only else (list(k.tests), list(k.groups))
+        return kut.run_kut(conn, REMOTE_KUT, tests, groups, dict(k.env), k.timeout_s,
                            out / "kvm-unit-tests", tap=k.tap, run_dir=self.run_dir, log=say)
 
 

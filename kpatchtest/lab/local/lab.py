@@ -81,13 +81,14 @@ def local_lab(known_good: Path, cache_dir: Path, work: Path, *, memory_mb: int =
 class LocalLab(SshLab):
     """The SSH lab with one host: a fresh QEMU VM per run, started on entry, stopped on exit.
 
-    Its quarantine lives in the run directory: a fresh VM's failures say nothing about
+    Its lock and quarantine live in the run directory: each run's VM is its own host (two
+    runs' local labs must not wait for each other), and its failures say nothing about
     the next run's."""
 
     kind = "local"
 
     def __init__(self, ref: LabRef, setup: LabSetup):
-        super().__init__([], setup, quarantine_file=setup.run_dir / "lab" / "quarantine.json")
+        super().__init__([], setup, state=setup.run_dir / "lab")
         self.ref = ref
         self._stack = contextlib.ExitStack()
 

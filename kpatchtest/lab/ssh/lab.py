@@ -53,11 +53,13 @@ def load_lab(ref: LabRef, base_dir: Path) -> LabSpec:
 class SshLab(Lab):
     kind = "ssh"
 
-    def __init__(self, hosts: list[HostSpec], setup: LabSetup, quarantine_file: Path | None = None):
+    def __init__(self, hosts: list[HostSpec], setup: LabSetup, state: Path | None = None):
+        """`state`: where host locks and the quarantine live; by default the cache's lab-state,
+        shared by every run on this machine, as the hosts are."""
         self._hosts = hosts
         self.setup = setup
-        self.state = CacheDir(setup.cache_dir).lab_state
-        self.quarantine = Quarantine(quarantine_file or self.state / "quarantine.json")
+        self.state = state or CacheDir(setup.cache_dir).lab_state
+        self.quarantine = Quarantine(self.state / "quarantine.json")
         self.owner = f"{getpass.getuser()}@{os.uname().nodename} pid {os.getpid()} run {setup.run_name}"
         self._routed: set[str] = set()
 
@@ -68,7 +70,7 @@ class SshLab(Lab):
         host, log = job.host, self.setup.log
         if self.quarantine.is_quarantined(host.name):
             return BootRecord(boot=BootResult(build=job.build, status="skipped", host=host.name, round=job.round,
-                                              reason="host quarantined"))
+                                              rerun=job.rerun, reason="host quarantined"))
         if host.name not in self._routed:       # once per host; every reconnect goes to run.log
             self._routed.add(host.name)
             log(HostConnection(host).route())
@@ -77,7 +79,7 @@ class SshLab(Lab):
                 return self._boot(job)
         except KpatchtestError as e:      # host busy past the wait
             return BootRecord(boot=BootResult(build=job.build, status="skipped", host=host.name, round=job.round,
-                                              reason=str(e)))
+                                              rerun=job.rerun, reason=str(e)))
 
     def _boot(self, job: BootJob) -> BootRecord:
         host, log = job.host, self.setup.log
@@ -91,7 +93,7 @@ class SshLab(Lab):
         except KpatchtestError as e:
             res = BootResult(build=job.build, status="boot-failed", host=host.name, method=host.boot,
                              reason=str(e), expected_release=job.kernel.kernelrelease)
-        res.round = job.round
+        res.round, res.rerun = job.round, job.rerun
         workloads = None
         if res.status == "booted" and job.workloads is not None:
             workloads = self._workloads(job, res)
@@ -112,7 +114,7 @@ class SshLab(Lab):
             with HostConnection(job.host, log=self.setup.log) as conn:
                 conn.open()
                 with remote_host_lock(conn, job.host.timeouts.lock_wait_s, self.owner):
-                    return job.workloads.run(job.host, job.branch, res, job.workloads_dir)
+                    return job.workloads.run(job.host, job.branch, res, job.workloads_dir, only=job.only)
         except KpatchtestError as e:
             self.setup.log(f"{job.host.name}: workloads not run on {job.branch} {res.build}: {e}")
             return job.workloads.not_run(job.host, res, str(e))
