@@ -480,6 +480,8 @@ def _import(git: Git, gitdir: Path, path: Path, name: str | None, sha: str) -> I
     tmp_ref = f"{_TMP_PREFIX}{os.getpid()}"
     src = _Decompressed(path)
     fi_err = tempfile.TemporaryFile()
+    # raw Popen: GitPython's as_process always pipes stderr (fast-import's goes to a file so a long
+    # failure report cannot block the stream) and kills the process when its wrapper is garbage-collected
     fi = subprocess.Popen(["git", "-C", str(git.repo), *_FAST_IMPORT], stdin=subprocess.PIPE,
                           stdout=subprocess.DEVNULL, stderr=fi_err, env=git._env(None))
     assert fi.stdin
