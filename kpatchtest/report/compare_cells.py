@@ -222,6 +222,6 @@ def what_changed(result: RunResult) -> list[str]:
     method = next((b.compare.method for b in result.branches if b.compare and b.compare.method), "")
     if method:
         c = next(b.compare for b in result.branches if b.compare)
-        out += ["", f"Method: {method}; seed {c.seed}, {c.bootstrap} resamples, threshold +-{c.threshold * 100:g}%, "
-                    f"{c.order} B/P order, {c.reruns} rerun(s) before a regression is called."]
+        out += ["", (f"Method: {method}; seed {c.seed}, {c.bootstrap} resamples, threshold +-{c.threshold * 100:g}%, "
+                     f"{c.order} B/P order, {c.reruns} rerun(s) before a regression is called.")]
     return out

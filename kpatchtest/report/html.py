@@ -121,8 +121,8 @@ def _heatmap(result: RunResult) -> list[str]:
     status = [[(c.status if (c := cell(b, i)) else None) for b in branches] for i, _ in patches]
     labels = [[(patch_cell(c) if (c := cell(b, i)) else "-") for b in branches] for i, _ in patches]
     svg = plots.heatmap(patches, [b.name for b in branches], status, labels)
-    return [f"<figure>{svg}<figcaption>Backport feasibility: patch x branch, coloured by how the patch "
-            "applied.</figcaption></figure>"]
+    return [(f"<figure>{svg}<figcaption>Backport feasibility: patch x branch, coloured by how the patch "
+             "applied.</figcaption></figure>")]
 
 
 def _metric_values(b: BranchResult, workload: str, metric: str) -> dict[str, dict[str, list[float]]]:
@@ -173,6 +173,10 @@ def _distributions(result: RunResult) -> list[str]:
     return ["<h2>Metric distributions</h2>", '<div class="plots">', *h, "</div>"] if h else []
 
 
+def _value(v: float | None, unit: str) -> str:
+    return "n/a" if v is None else escape(fmt_value(v) + (f" {unit}" if unit else ""))
+
+
 def _comparisons(result: RunResult) -> list[str]:
     """The forest plot of every ratio with its CI, then a table per branch."""
     compared = [b for b in result.branches if b.compare]
@@ -191,13 +195,12 @@ def _comparisons(result: RunResult) -> list[str]:
                  "<th>baseline</th><th>patched</th><th>ratio [95% CI]</th><th>p</th><th>rounds x reps</th>"
                  "<th>verdict</th></tr>")
         for m in b.compare.metrics:
-            num = lambda v: "n/a" if v is None else escape(fmt_value(v) + (f" {m.unit}" if m.unit else ""))
             gate = gates.get(m.name)
             verdict = escape(m.verdict) + (f"; gate FAILED: {escape(gate.actual)}" if gate else "") + (
                 f" ({escape(m.why)})" if m.why else "")
             cls = "gate-failed" if gate else f"v-{m.verdict}" if m.verdict in SIGNIFICANT else ""
             h.append(f"<tr><td>{escape(m.workload)}</td><td>{escape(m.name)}</td><td>{escape(m.host)}</td>"
-                     f'<td class="num">{num(m.baseline_median)}</td><td class="num">{num(m.patched_median)}</td>'
+                     f'<td class="num">{_value(m.baseline_median, m.unit)}</td><td class="num">{_value(m.patched_median, m.unit)}</td>'
                      f'<td class="num">{escape(ratio_text(m).removeprefix("ratio "))}</td>'
                      f'<td class="num">{escape(p_text(m.p_value).removeprefix("p "))}</td>'
                      f'<td class="num">{m.rounds} x {m.repetitions}</td><td class="{cls}">{verdict}</td></tr>')
@@ -249,8 +252,8 @@ def _logs(result: RunResult) -> list[str]:
 def render(result: RunResult) -> str:
     s = result.series
     title = escape(s.title if s else result.name)
-    h = [f'<!doctype html><meta charset=utf-8><title>kpatchtest: {title}</title>'
-         f'<link rel=stylesheet href="{CSS_NAME}">', f"<h1>{title}</h1>"]
+    h = [(f'<!doctype html><meta charset=utf-8><title>kpatchtest: {title}</title>'
+          f'<link rel=stylesheet href="{CSS_NAME}">'), f"<h1>{title}</h1>"]
     if s:
         h.append(f"<p>{len(s.patches)} patch(es) from {escape(', '.join(s.sources))}"
                  + (f"; base-commit <code>{escape(s.base_commit)}</code>" if s.base_commit else "") + "</p>")
