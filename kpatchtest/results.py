@@ -20,9 +20,10 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from kpatchtest.compare.model import BranchComparison
+from kpatchtest.util import StrictModel
 from kpatchtest.workloads.record import WorkloadRecord
 
 SCHEMA_VERSION = 6
@@ -35,11 +36,7 @@ PresentBy = Literal["patch-id", "upstream-ref", "ancestor", "reverse-apply"]
 Verdict = Literal["clean", "three-way", "already-applied", "partial", "conflict"]
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Conflict(_Model):
+class Conflict(StrictModel):
     """One file of a patch that did not apply: how many hunks failed and their text."""
 
     file: str
@@ -48,7 +45,7 @@ class Conflict(_Model):
     reason: str = ""          # e.g. "file does not exist on this branch"
 
 
-class Prerequisite(_Model):
+class Prerequisite(StrictModel):
     """A commit missing from the branch that a conflicting patch needs first."""
 
     commit: str
@@ -62,7 +59,7 @@ class Prerequisite(_Model):
     rank: int = 0                   # 0 = part of the smallest sufficient set
 
 
-class PatchResult(_Model):
+class PatchResult(StrictModel):
     index: int
     subject: str
     msgid: str | None = None
@@ -77,7 +74,7 @@ class PatchResult(_Model):
     prerequisites: list[Prerequisite] = Field(default_factory=list)  # conflict: upstream order, the set first
 
 
-class ApplyResult(_Model):
+class ApplyResult(StrictModel):
     verdict: Verdict
     branch_commit: str
     base: str | None = None         # what prerequisites were searched against
@@ -90,7 +87,7 @@ class ApplyResult(_Model):
 BuildStatus = Literal["pass", "fail", "skipped"]
 
 
-class BuildResult(_Model):
+class BuildResult(StrictModel):
     """One kernel build: what a reviewer needs to trust it."""
 
     status: BuildStatus
@@ -112,14 +109,14 @@ class BuildResult(_Model):
     compiler: str | None = None
 
 
-class PatchBuild(_Model):
+class PatchBuild(StrictModel):
     index: int
     status: BuildStatus
     objects_compiled: int = 0
     reason: str = ""
 
 
-class BranchBuild(_Model):
+class BranchBuild(StrictModel):
     baseline: BuildResult
     patched: BuildResult
     per_patch: list[PatchBuild] = Field(default_factory=list)
@@ -129,13 +126,13 @@ class BranchBuild(_Model):
 BootStatus = Literal["booted", "boot-failed", "skipped"]
 
 
-class SplatInfo(_Model):
+class SplatInfo(StrictModel):
     kind: str                       # panic, oops, bug, warning, kasan, lockdep, rcu-stall, ...
     first_lines: list[str]
     source: str = "console"         # console | dmesg
 
 
-class BootResult(_Model):
+class BootResult(StrictModel):
     """One boot of one build on one lab host."""
 
     build: Literal["baseline", "patched"]
@@ -156,7 +153,7 @@ class BootResult(_Model):
     console_excerpt: str | None = None
 
 
-class WorkloadRun(_Model):
+class WorkloadRun(StrictModel):
     """The workloads run on one boot of one build (baseline/patched) on one host."""
 
     build: Literal["baseline", "patched"]
@@ -170,7 +167,7 @@ class WorkloadRun(_Model):
     error: str | None = None        # the workloads could not run at all (one line)
 
 
-class GateResult(_Model):
+class GateResult(StrictModel):
     name: str                       # e.g. "apply"
     branch: str | None = None
     passed: bool
@@ -178,7 +175,7 @@ class GateResult(_Model):
     actual: str
 
 
-class BranchResult(_Model):
+class BranchResult(StrictModel):
     name: str
     commit: str | None = None
     error: str | None = None        # the branch could not be processed (one line)
@@ -189,7 +186,7 @@ class BranchResult(_Model):
     compare: BranchComparison | None = None
 
 
-class SeriesPatchInfo(_Model):
+class SeriesPatchInfo(StrictModel):
     index: int
     subject: str
     msgid: str | None = None
@@ -198,7 +195,7 @@ class SeriesPatchInfo(_Model):
     attestation_detail: str = ""
 
 
-class SeriesInfo(_Model):
+class SeriesInfo(StrictModel):
     title: str
     title_note: str | None = None   # why the title is not the cover letter's (a template cover)
     sources: list[str]
@@ -209,7 +206,7 @@ class SeriesInfo(_Model):
     patches: list[SeriesPatchInfo] = Field(default_factory=list)
 
 
-class RunResult(_Model):
+class RunResult(StrictModel):
     schema_version: int = SCHEMA_VERSION
     tool_version: str
     name: str

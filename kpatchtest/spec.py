@@ -7,6 +7,7 @@ found; unknown keys are errors, because a typo must never be silently ignored.
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -29,7 +30,7 @@ from ruamel.yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEv
 from kpatchtest.errors import InputError
 from kpatchtest.fetch.sources import CommitsSource, MboxSource, MsgidSource, Source
 from kpatchtest.urls import check_ref, check_repo, is_url
-from kpatchtest.util import user_path
+from kpatchtest.util import StrictModel, user_path
 
 ApplyLevel = Literal["clean", "three-way", "partial", "any"]
 
@@ -47,11 +48,7 @@ GitRef = Annotated[str, AfterValidator(check_ref)]
 GitRepo = Annotated[str, AfterValidator(check_repo)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class BranchSpec(_Strict):
+class BranchSpec(StrictModel):
     """A branch to test: a ref of kernel.repo, or a source tarball imported as a branch."""
 
     name: GitRef = Field(min_length=1)
@@ -74,7 +71,7 @@ class BranchSpec(_Strict):
         return self.ref or self.name
 
 
-class KernelSpec(_Strict):
+class KernelSpec(StrictModel):
     repo: GitRepo | None = None     # URL, local path, or a source tarball
     upstream: GitRef | None = None  # the ref the series was written against
     branches: list[BranchSpec] = Field(min_length=1)
@@ -86,7 +83,7 @@ class KernelSpec(_Strict):
         return self
 
 
-class FetchSpec(_Strict):
+class FetchSpec(StrictModel):
     midmask: str | None = None      # b4.midmask, e.g. https://lore.kernel.org/all/%s
     attestation: Literal["off", "softfail", "hardfail"] = "softfail"
 
@@ -98,7 +95,7 @@ class FetchSpec(_Strict):
         return v
 
 
-class ConfigsSpec(_Strict):
+class ConfigsSpec(StrictModel):
     """The kernel config: a base plus Kconfig fragments, merged like merge_config.sh."""
 
     base: str = "tinyconfig"        # a make target (defconfig, tinyconfig, kvm_guest.config) or a file
@@ -106,7 +103,7 @@ class ConfigsSpec(_Strict):
     required: list[str] = Field(default_factory=list)   # symbols whose loss is an error, not a warning
 
 
-class ApplySpec(_Strict):
+class ApplySpec(StrictModel):
     """How the apply stage searches; what its verdicts must be is gates.apply."""
 
     prerequisite_budget_s: float = Field(default=30, ge=0)  # per conflicting patch
@@ -115,7 +112,7 @@ class ApplySpec(_Strict):
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"        # also make's: a key `--eval=...` would be an option
 
 
-class BuildSpec(_Strict):
+class BuildSpec(StrictModel):
     """Which branches to build and how."""
 
     when: ApplyLevel = "partial"    # build branches whose apply verdict passes this level
@@ -124,7 +121,7 @@ class BuildSpec(_Strict):
     make_vars: dict[Annotated[str, Field(pattern=_ENV_NAME)], str] = Field(default_factory=dict)
 
 
-class LabRef(_Strict):
+class LabRef(StrictModel):
     """Where kernels boot: the local QEMU lab (default) or an inventory in configs/labs/."""
 
     name: str = "local"             # "local", a configs/labs/<name>.yaml, or a path to one
@@ -139,7 +136,7 @@ KUT_UPSTREAM = "https://gitlab.com/kvm-unit-tests/kvm-unit-tests.git"
 _TEST_NAME = r"^[A-Za-z0-9_.+][A-Za-z0-9_.+-]*$"     # never an option of run_tests.sh
 
 
-class KutSpec(_Strict):
+class KutSpec(StrictModel):
     """kvm-unit-tests: built once per (source, ref, arch) on this machine, run on the lab host."""
 
     source: GitRepo = KUT_UPSTREAM  # a git URL or a local checkout
@@ -154,7 +151,7 @@ class KutSpec(_Strict):
 _SMM_GUEST_ONLY = {"bootsector": ("reads", "sectors_per_read", "spread_mb"), "linux": ("kernel", "init_message")}
 
 
-class SmmBootSpec(_Strict):
+class SmmBootSpec(StrictModel):
     """The SMM-heavy boot: a nested SeaBIOS guest on q35,smm=on.
 
     guest bootsector: a boot sector doing `reads` BIOS disk reads (the cheap case);
@@ -182,7 +179,7 @@ class SmmBootSpec(_Strict):
         return self
 
 
-class WorkloadsSpec(_Strict):
+class WorkloadsSpec(StrictModel):
     """What runs on each booted kernel, before the host goes back to its known-good kernel.
 
     `rounds` boots each build that many times, baseline and patched alternating
@@ -225,7 +222,7 @@ def _percent(v: Any) -> Any:
 Percent = Annotated[float, BeforeValidator(_percent), Field(ge=0)]
 
 
-class CompareSpec(_Strict):
+class CompareSpec(StrictModel):
     """How baseline and patched are compared (kpatchtest/compare)."""
 
     threshold: Percent = 0.02       # a metric changed only if its whole 95% CI lies beyond 1 +- this
@@ -234,7 +231,7 @@ class CompareSpec(_Strict):
     seed: int = Field(default=1, ge=0)              # the bootstrap's: a re-render gives the same numbers
 
 
-class MetricGate(_Strict):
+class MetricGate(StrictModel):
     """The largest change of one metric a run accepts: max_slowdown for times, max_increase for counts."""
 
     max_slowdown: Percent | None = None
@@ -290,7 +287,7 @@ BootGate = Literal["booted", "no-splats"]
 WorkloadGate = Literal["pass", "no-new-failures"]
 
 
-class GatesSpec(_Strict):
+class GatesSpec(StrictModel):
     """Gates turn results into exit code 1: `apply: clean`, or per branch."""
 
     apply: ApplyLevel | dict[str, ApplyLevel] | None = None
@@ -336,7 +333,7 @@ SourceItem = Annotated[
 ]
 
 
-class Spec(_Strict):
+class Spec(StrictModel):
     # the default --out is out/<name> and the local lab names files after it: a plain name
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_][A-Za-z0-9._+-]*$")
     series: list[SourceItem] = Field(min_length=1)
@@ -487,6 +484,12 @@ def parse_spec(text: str, path: Path) -> LoadedSpec:
         raise InputError(f"{where}: malformed YAML: {e.problem}", hint="fix the syntax") from None
     except YAMLError as e:          # the reader's: a control character, bad encoding
         raise InputError(f"{path}: malformed YAML: {str(e).splitlines()[0]}", hint="fix the syntax") from None
+    except (ValueError, IndexError) as e:
+        # ruamel's constructor: `._` matches its float pattern, `0x_` its int one, `2026-13-45`
+        # its date one, and converting them raises (IndexError for `0x_`, which says nothing).
+        why = f" ({str(e).splitlines()[0]})" if isinstance(e, ValueError) else ""
+        raise InputError(f"{path}: malformed YAML: a value looks like a number or a date but is not one{why}",
+                         hint="quote it to make it a string") from None
     if not isinstance(doc, dict):
         raise InputError(f"{path}:1: expected a mapping at the top level; found {type(doc).__name__}",
                          hint="see series/demo.yaml for the format")
@@ -523,12 +526,11 @@ def _plain(node: Any) -> Any:
     return node
 
 
-def _is_local(p: str) -> bool:
-    return not is_url(p)
-
-
 def _abs(p: str, base: Path) -> str:
-    q = Path(p).expanduser()
+    """`p` absolute against the spec's directory, `~` expanded. os.path.expanduser, not
+    Path.expanduser: an unknown `~user` stays as written (and then "does not exist")
+    instead of raising RuntimeError."""
+    q = Path(os.path.expanduser(p))
     return str(q if q.is_absolute() else (base / q).resolve())
 
 
@@ -540,12 +542,12 @@ def _resolve_paths(spec: Spec, base: Path) -> None:
             s = MboxSource(mbox=_abs(s.mbox, base))
         elif isinstance(s, CommitsSource):
             repo = s.repo or spec.kernel.repo      # the README: repo defaults to kernel.repo
-            if repo and _is_local(repo):
+            if repo and not is_url(repo):
                 repo = _abs(repo, base)
             s = CommitsSource(commits=s.commits, repo=repo)
         srcs.append(s)
     spec.series = srcs
-    if spec.kernel.repo and _is_local(spec.kernel.repo):
+    if spec.kernel.repo and not is_url(spec.kernel.repo):
         spec.kernel.repo = _abs(spec.kernel.repo, base)
     for b in spec.kernel.branches:
         if b.tarball:
@@ -556,7 +558,7 @@ def _resolve_paths(spec: Spec, base: Path) -> None:
         if base_kind(spec.configs.base) == "file":
             spec.configs.base = _abs(spec.configs.base, base)
     kut = spec.workloads.kvm_unit_tests if spec.workloads else None
-    if kut and _is_local(kut.source):
+    if kut and not is_url(kut.source):
         kut.source = _abs(kut.source, base)
 
 
@@ -565,7 +567,7 @@ CONFIGS_DIR = Path(__file__).resolve().parent / "data" / "configs"
 
 def resolve_fragment(name: str, base: Path) -> str:
     """A fragment path relative to the spec, else a file of the shipped configs/ directory."""
-    p = Path(name).expanduser()
+    p = Path(os.path.expanduser(name))      # as _abs: an unknown ~user stays as written
     if p.is_absolute():
         return str(p)
     if (base / p).exists() or "/" in name:

@@ -118,12 +118,16 @@ def spec_or_one_line(text: str) -> None:
 @example({"name": "t", "series": [{"mbox": "a\0b"}], "kernel": {"repo": "/x", "branches": ["b"]}})  # NUL
 @example({"name": "t", "series": [{"mbox": "m"}], "kernel": {"repo": "/x", "branches": ["b"]},
           "configs": {"fragments": ["f" * 300]}})                                  # a name past NAME_MAX
+@example({"name": "t", "series": [{"mbox": "m"}], "kernel": {"repo": "/x", "branches": ["b"]},
+          "configs": {"fragments": ["~0"]}, "workloads": {"kvm_unit_tests": {"source": "~0"}}})  # no such ~user
 def test_a_generated_spec_is_a_spec_or_one_line(doc):
     spec_or_one_line(dump(doc))
 
 
 @MANY
 @given(YAMLISH | st.text(max_size=80))
+@example("._")                  # ruamel's float pattern, but float() raises ValueError
+@example("a: 0x_")              # its int pattern, and IndexError
 def test_any_text_is_a_spec_or_one_line(text):
     spec_or_one_line(text)
 

@@ -49,6 +49,10 @@ def test_good_spec_resolves_paths_relative_to_the_spec(tmp_path):
     (GOOD + "workload: []\n", "s.yaml:14: workload: unknown key (allowed: apply, build, compare, configs, fetch, gates"),
     (GOOD.replace("name: x\n", ""), "s.yaml: name: required key is missing"),
     ("name: x\nseries: [\n", "s.yaml:3: malformed YAML"),
+    ("._\n", "s.yaml: malformed YAML: a value looks like a number or a date but is not one"),
+    (GOOD + "when: 2026-13-45\n", "s.yaml: malformed YAML: a value looks like a number or a date but is not one "
+                                  "(month must be in 1..12)"),
+    (GOOD + "mask: 0x_\n", "s.yaml: malformed YAML: a value looks like a number"),
     ("- just a list\n", "s.yaml:1: expected a mapping at the top level; found CommentedSeq"),
     (GOOD.replace("  repo: ../linux\n", ""), "s.yaml:6: kernel: kernel.repo is required unless every branch names a tarball"),
     (GOOD + "workloads: {}\n", "s.yaml:14: workloads: name at least one workload: kvm_unit_tests or smm_boot"),
@@ -63,6 +67,16 @@ def test_bad_specs_give_one_located_line(tmp_path, text, expected):
     msg = str(e.value)
     assert expected in msg, msg
     assert "\n" not in msg and "Traceback" not in msg
+
+
+def test_an_unknown_home_directory_is_kept_as_written(tmp_path):
+    """`~nosuchuser` is no crash (Path.expanduser raises RuntimeError): the path stays as
+    written, relative to the spec, and is then reported as missing like any other."""
+    text = GOOD + "workloads:\n  kvm_unit_tests: {source: ~kpt-no-such-user/kut}\n"
+    kut = parse_spec(text, tmp_path / "s.yaml").spec.workloads.kvm_unit_tests
+    assert kut.source == str(tmp_path / "~kpt-no-such-user" / "kut")
+    home = parse_spec(text.replace("~kpt-no-such-user", "~"), tmp_path / "s.yaml").spec.workloads.kvm_unit_tests
+    assert home.source == str(Path.home() / "kut")
 
 
 def test_workloads_section(tmp_path):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from kpatchtest.util import StrictModel
 
 TestVerdict = Literal["regression", "fixed", "new", "removed", "flaky", "unchanged-pass", "unchanged-fail"]
 MetricVerdict = Literal["faster", "slower", "less", "more", "no significant change", "not enough data", "n/a"]
@@ -17,11 +19,7 @@ Direction = Literal["lower", "higher", "none"]      # which way is better; none:
 Outcome = Literal["pass", "fail", "skip"]           # a WorkloadStatus folded: error and timeout are fail
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Counts(_Model):
+class Counts(StrictModel):
     """How often a test passed, failed (fail/error/timeout) or skipped on one kernel."""
 
     passed: int = 0
@@ -33,7 +31,7 @@ class Counts(_Model):
         return self.passed + self.failed + self.skipped
 
 
-class TestRound(_Model):
+class TestRound(StrictModel):
     """One round's (or rerun's) outcome of a test on each kernel; None: not run in that round."""
 
     __test__ = False                        # not a pytest class
@@ -44,7 +42,7 @@ class TestRound(_Model):
     patched: Outcome | None = None
 
 
-class TestComparison(_Model):
+class TestComparison(StrictModel):
     """One test (a kvm-unit-test, a workload) on one host, over all rounds and reruns."""
 
     __test__ = False                        # not a pytest class
@@ -62,7 +60,7 @@ class TestComparison(_Model):
     detail: str = ""                        # e.g. "failed on patched 2 of 3 rounds"
 
 
-class MetricComparison(_Model):
+class MetricComparison(StrictModel):
     """One metric of one workload on one host: patched/baseline with a bootstrap CI.
 
     ratio = median(patched) / median(baseline), medians over every repetition of every
@@ -92,7 +90,7 @@ class MetricComparison(_Model):
     threshold: float = 0.02                 # a fraction: 0.02 = 2%
 
 
-class NewSplat(_Model):
+class NewSplat(StrictModel):
     """A kernel splat logged on the patched kernel whose kind and first line baseline never logged."""
 
     host: str
@@ -103,7 +101,7 @@ class NewSplat(_Model):
     where: str = "boot"                     # "boot" (BootResult.splats) or the workload whose dmesg showed it
 
 
-class BranchComparison(_Model):
+class BranchComparison(StrictModel):
     tests: list[TestComparison] = Field(default_factory=list)
     metrics: list[MetricComparison] = Field(default_factory=list)
     splats_new: list[NewSplat] = Field(default_factory=list)   # each one a regression of its own

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from kpatchtest.util import StrictModel
 
 WorkloadStatus = Literal["pass", "fail", "skip", "error", "timeout"]
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Metric(_Model):
+class Metric(StrictModel):
     name: str                       # e.g. "cycles", "smm_transitions", "wall_time"
     unit: str                       # e.g. "cycles", "events", "s"
     values: list[float | None] = Field(default_factory=list)   # one per repetition; None = unavailable
@@ -26,7 +24,7 @@ class Metric(_Model):
     note: str = ""                  # e.g. "probe kvm_tdp_mmu_get_vcpu_root_hpa not found"
 
 
-class WorkloadRecord(_Model):
+class WorkloadRecord(StrictModel):
     name: str
     status: WorkloadStatus
     metrics: list[Metric] = Field(default_factory=list)

@@ -11,29 +11,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from kpatchtest.util import StrictModel
 
 BootMethod = Literal["kexec", "grub-reboot", "command"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class PowerCommands(_Strict):
+class PowerCommands(StrictModel):
     on: str | None = None
     off: str | None = None
     cycle: str | None = None        # e.g. "ipmitool -H bmc1 -U admin -E chassis power cycle"
 
 
-class Timeouts(_Strict):
+class Timeouts(StrictModel):
     connect_s: float = 10.0         # TCP connect + SSH banner
     boot_s: float = 300.0           # reboot to SSH answering on the new kernel
     command_s: float = 600.0        # one remote command
     lock_wait_s: float = 600.0      # waiting for a host another run holds
 
 
-class HostSpec(_Strict):
+class HostSpec(StrictModel):
     name: str = Field(min_length=1)
     address: str
     user: str = "root"
@@ -59,7 +57,7 @@ class HostSpec(_Strict):
         return self
 
 
-class LabSpec(_Strict):
+class LabSpec(StrictModel):
     name: str
     hosts: list[HostSpec] = Field(min_length=1)
 
