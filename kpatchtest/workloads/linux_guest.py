@@ -46,7 +46,7 @@ GRUB_START = "kpt-grub: start"
 GRUB_BOOT = "kpt-grub: boot"
 INIT_PREFIX = "kpt-init: "
 # GRUB's own lines after GRUB_BOOT when `boot` fails (a kernel it could not load)
-GRUB_OWN = re.compile(r"^(error:|Entering rescue mode|grub rescue>)")
+GRUB_OWN = re.compile(r"^(error:|Entering rescue mode|grub( rescue)?>)")
 CMDLINE = "console=ttyS0,115200 earlyprintk=serial,ttyS0,115200 loglevel=6 panic=-1 rdinit=/init"
 GUEST_MEMORY_MB = 256
 # decompress: GRUB's `boot` -> the kernel's first line (its setup code and decompressor

@@ -31,7 +31,6 @@ from kpatchtest.workloads.smm import SmmBootResult, SmmBootRun, guest_memory_mb,
 
 NAME = "smm-boot"
 REMOTE_IMAGE = "/tmp/kpatchtest/smm-boot.img"
-REMOTE_SERIAL = "/tmp/kpatchtest/smm-boot.serial"
 
 
 def image_for(spec: SmmBootSpec, directory: Path, kernel: Path | None = None) -> Path:
@@ -54,10 +53,12 @@ def image_for(spec: SmmBootSpec, directory: Path, kernel: Path | None = None) ->
 
 
 def boot_run(spec: SmmBootSpec, image_path: str = REMOTE_IMAGE) -> SmmBootRun:
-    """The nested QEMU run for this spec's guest, its image at `image_path` on the host."""
+    """The nested QEMU run for this spec's guest, its image at `image_path` on the host
+    (linux: the console's FIFO beside it)."""
     if spec.guest == "linux":
         return SmmBootRun(image_path=image_path, timeout_s=spec.timeout_s, disk_if=spec.disk,
-                          memory_mb=LG.GUEST_MEMORY_MB, serial_path=REMOTE_SERIAL)
+                          memory_mb=LG.GUEST_MEMORY_MB,
+                          serial_path=posixpath.join(posixpath.dirname(image_path), "smm-boot.serial"))
     return SmmBootRun(image_path=image_path, timeout_s=spec.timeout_s, disk_if=spec.disk,
                       memory_mb=guest_memory_mb(spec.spread_mb))
 
