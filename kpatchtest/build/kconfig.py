@@ -25,7 +25,6 @@ values are the text after ``=`` (strings keep their quotes), and ``"n"`` stands 
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 from kpatchtest.errors import InputError
+from kpatchtest.util import sha256_text
 
 PREFIX = "CONFIG_"
 
@@ -232,7 +232,7 @@ def config_hash(config_text: str) -> str:
     comments (the header with version and date) and order do not matter."""
     settings = parse_config(config_text)
     norm = "".join(config_line(sym, settings[sym]) + "\n" for sym in sorted(settings))
-    return hashlib.sha256(norm.encode()).hexdigest()
+    return sha256_text(norm)
 
 
 # --- base configs ---------------------------------------------------------------------

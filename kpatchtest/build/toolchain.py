@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 from dataclasses import dataclass
 
+from kpatchtest.util import sha256_text
 
-def _first_line(cmd: list[str]) -> str | None:
+
+def first_line(cmd: list[str]) -> str | None:
+    """The first line `cmd` prints (a compiler's `--version`), or None when it cannot run,
+    fails or prints nothing: the one probe of a tool's identity for every cache key."""
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
@@ -26,15 +29,15 @@ class Toolchain:
     @classmethod
     def detect(cls, cc: str = "gcc") -> "Toolchain":
         from kpatchtest.errors import InputError
-        version = _first_line([cc, "--version"])
-        make = _first_line(["make", "--version"])
+        version = first_line([cc, "--version"])
+        make = first_line(["make", "--version"])
         if not version or not make:
             raise InputError(f"no working {cc if not version else 'make'} on this machine",
                              hint="apt-get install build-essential flex bison bc libelf-dev libssl-dev")
         return cls(cc=cc, cc_version=version, make_version=make, ccache=shutil.which("ccache"))
 
     def key(self) -> str:
-        return hashlib.sha256(f"{self.cc_version}\0{self.make_version}".encode()).hexdigest()[:16]
+        return sha256_text(f"{self.cc_version}\0{self.make_version}")[:16]
 
     @property
     def cc_command(self) -> str:

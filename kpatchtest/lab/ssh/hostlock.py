@@ -7,20 +7,18 @@ held by a live process, so a crashed owner never leaves a stale lock behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import socket
 import time
 from contextlib import ExitStack, contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 from kpatchtest.lab.ssh.connection import HostConnection, HostUnreachable, LabError
 from kpatchtest.locks import LockBusy, exclusive
-from kpatchtest.util import write_atomic
+from kpatchtest.util import sha256_text, utcnow, write_atomic
 
 REMOTE_LOCK = "/run/kpatchtest.lock"   # /run is a tmpfs: a reboot frees everything
 
@@ -33,14 +31,10 @@ class HostBusy(LabError):
     """Another run holds the host for longer than we may wait."""
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _safe_name(host: str) -> str:
     safe = re.sub(r"^\.|[^A-Za-z0-9._-]", "_", host)
     if safe != host:
-        safe = f"{safe}-{hashlib.sha256(host.encode()).hexdigest()[:8]}"
+        safe = f"{safe}-{sha256_text(host)[:8]}"
     return safe
 
 
@@ -69,7 +63,7 @@ def local_host_lock(state_dir: Path, host: str, wait_s: float, *, run: str = "",
             f = stack.enter_context(exclusive(path, wait_s=wait_s, poll_s=poll_s))
         except LockBusy as e:
             raise HostBusy(_local_busy_message(host, path, e.waited)) from None
-        info = {"pid": os.getpid(), "run": run, "host": socket.gethostname(), "since": _now()}
+        info = {"pid": os.getpid(), "run": run, "host": socket.gethostname(), "since": utcnow()}
         f.truncate(0)
         f.write(json.dumps(info) + "\n")
         f.flush()
@@ -111,7 +105,7 @@ def remote_host_lock(conn: HostConnection, wait_s: float, owner: str, *,
     both util-linux and busybox provide; waiting is a poll from here.
     """
     owner_file = path + ".owner"
-    argv = ["flock", "-n", path, "sh", "-c", _HOLDER, "sh", owner_file, f"{owner} since {_now()}"]
+    argv = ["flock", "-n", path, "sh", "-c", _HOLDER, "sh", owner_file, f"{owner} since {utcnow()}"]
     connect_s = conn.host.timeouts.connect_s
     start = time.monotonic()
     while True:
@@ -191,13 +185,13 @@ class Quarantine:
         """Count a boot result; True when the host is now quarantined (limit failures in a row)."""
         with self._locked() as hosts:
             entry = hosts.setdefault(host, {"failures": 0, "quarantined": False, "since": None})
-            entry["last"] = _now()
+            entry["last"] = utcnow()
             if ok:
                 entry.update(failures=0, quarantined=False, since=None)
             else:
                 entry["failures"] = int(entry.get("failures", 0)) + 1
                 if entry["failures"] >= limit and not entry.get("quarantined"):
-                    entry.update(quarantined=True, since=_now())
+                    entry.update(quarantined=True, since=utcnow())
             return bool(entry["quarantined"])
 
     def is_quarantined(self, host: str) -> bool:

@@ -17,10 +17,12 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
+from kpatchtest.build.toolchain import first_line
 from kpatchtest.errors import GitError, KpatchtestError
 from kpatchtest.gitutil import Git, GitTimeout
 from kpatchtest.locks import exclusive
 from kpatchtest.urls import is_url, ref_problem, repo_problem
+from kpatchtest.util import sha256_text
 
 
 class KutError(KpatchtestError):
@@ -101,7 +103,7 @@ def _export(git_dir: Path, commit: str, cache_dir: Path, meta: dict[str, str]) -
 
 def _ref_name(ref: str) -> str:
     """Where a fetched ref is kept in the cache repo (so an offline run finds it again)."""
-    return "refs/kpatchtest/" + hashlib.sha256(ref.encode()).hexdigest()[:16]
+    return "refs/kpatchtest/" + sha256_text(ref)[:16]
 
 
 def kut_source(source: str | Path, ref: str | None, cache_dir: Path, offline: bool = False, *,
@@ -152,7 +154,7 @@ def kut_source(source: str | Path, ref: str | None, cache_dir: Path, offline: bo
         url = text
 
     want = ref or "HEAD"
-    repo = cache_dir / "kut-src" / (hashlib.sha256(url.encode()).hexdigest()[:16] + ".git")
+    repo = cache_dir / "kut-src" / (sha256_text(url)[:16] + ".git")
     repo.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(repo.parent / f".{repo.name}.lock"):
         created = not (repo / "HEAD").is_file()
@@ -249,12 +251,15 @@ def _source_id(source: Path) -> tuple[str, str | None]:
 
 
 def _toolchain() -> str:
+    """The compiler kvm-unit-tests' configure picks ($CC, else gcc): its --version line,
+    else its name."""
     cc = os.environ.get("CC", "gcc")
-    try:
-        r = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
-        return (r.stdout.splitlines() or [cc])[0]
-    except (OSError, subprocess.TimeoutExpired):
-        return cc
+    return first_line([cc, "--version"]) or cc
+
+
+def _build_key(ident: str, host_arch: str, args: Sequence[str]) -> str:
+    """The cache key of a built tree: source identity, arch, compiler and configure args."""
+    return sha256_text("\0".join([ident, host_arch, _toolchain(), *args]))[:16]
 
 
 def build_kut(source: Path, cache_dir: Path, *, arch: str | None = None, jobs: int = 2,
@@ -267,7 +272,7 @@ def build_kut(source: Path, cache_dir: Path, *, arch: str | None = None, jobs: i
     ident, head = _source_id(source)
     host_arch = arch or platform.machine()
     args = [*([f"--arch={arch}"] if arch else []), *configure_args]
-    key = hashlib.sha256("\0".join([ident, host_arch, _toolchain(), *args]).encode()).hexdigest()[:16]
+    key = _build_key(ident, host_arch, args)
     cache_dir = Path(cache_dir)
     dest = cache_dir / f"kvm-unit-tests-{host_arch}-{key}"
     if (dest / ".kpatchtest-built").is_file():
