@@ -396,8 +396,8 @@ def compared(workloads_run):
         tests=[TestComparison(name="emulator", group=KUT, host="lab1", verdict="unchanged-pass",
                               baseline=Counts(passed=3), patched=Counts(passed=3))],
         metrics=[_metric("wall_time", "s", "lower", 12.1, 12.15, 1.004, 0.985, 1.019, 0.77, "no significant change")])
-    r.gates.append(GateResult(name="metric:wall_time", branch="linux-6.1.y", passed=False, expected="max_slowdown 5%",
-                              actual="slowdown 10.7% [8.2%, 13.1%]"))
+    r.gates.append(GateResult(name="metrics", branch="linux-6.1.y", passed=False, expected="wall_time max_slowdown 5%",
+                              actual="wall_time on linux-6.1.y/lab1: patched/baseline 1.11 [1.08, 1.13] > max_slowdown 5%"))
     return r, run_dir
 
 
@@ -421,9 +421,9 @@ def test_junit_compare_suite_fails_with_the_numbers(compared, tmp_path):
     assert cases["test kvm-unit-tests/vmx on lab1"].find("failure") is None        # flaky is no regression
     assert "flaky: baseline 10 pass" in cases["test kvm-unit-tests/vmx on lab1"].find("system-out").text
     gate = cases["metric smm-boot wall_time on lab1"].find("failure")
-    assert gate.get("message") == ("gate metric:wall_time failed: expected max_slowdown 5%, got slowdown 10.7% "
-                                   "[8.2%, 13.1%]: slower, 12.1 -> 13.4 s, ratio 1.107 [1.082, 1.131], "
-                                   "p = 0.00195, 10 rounds x 5 repetitions")
+    assert gate.get("message") == ("gate metrics failed: expected wall_time max_slowdown 5%, got wall_time on "
+                                   "linux-6.1.y/lab1: patched/baseline 1.11 [1.08, 1.13] > max_slowdown 5%: slower, "
+                                   "12.1 -> 13.4 s, ratio 1.107 [1.082, 1.131], p = 0.00195, 10 rounds x 5 repetitions")
     # significant without a gate: passes, numbers in system-out; unchanged branch: no failures
     more = cases["metric smm-boot root_allocs on lab1"]
     assert more.find("failure") is None and "ratio=268.67" in more.find("system-out").text
@@ -448,7 +448,8 @@ def test_summary_is_a_reply_starting_with_what_changed(compared):
             "10 rounds x 5 repetitions") in lines
     assert "  smm-boot root_allocs on lab1: more, 3 -> 806 roots, ratio 268.670 [250.100, 280.200]" in changed
     assert "  NEW SPLAT on patched (lab1 round 2, boot): warning: WARNING: CPU: 1 PID: 77" in changed
-    assert "  gate metric:wall_time FAILED: expected max_slowdown 5%, got slowdown 10.7% [8.2%, 13.1%]" in lines
+    assert ("  gate metrics FAILED: expected wall_time max_slowdown 5%, got wall_time on linux-6.1.y/lab1: "
+            "patched/baseline 1.11 [1.08, 1.13] > max_slowdown 5%") in lines
     assert "  flaky, not counted as a regression: kvm-unit-tests/vmx on lab1" in changed
     assert f"  n/a: smm-boot root_puts on lab1 ({NO_PROBE})" in lines
     assert "smm_transitions" not in changed                     # describes the workload, judges nothing
@@ -492,7 +493,7 @@ def test_html_plots_links_and_csp(compared, tmp_path):
         for rec in run.records:
             for log in rec.logs:
                 assert f'href="{log}"' in page
-    assert ">slower; gate FAILED: slowdown 10.7% [8.2%, 13.1%]</td>" in page
+    assert ">slower; gate FAILED: wall_time on linux-6.1.y/lab1: patched/baseline 1.11 [1.08, 1.13] &gt; max_slowdown 5%</td>" in page
     ids = [m for m in __import__("re").findall(r' id="([^"]+)"', page)]
     assert len(ids) == len(set(ids))                # several SVGs, one document: ids stay unique
     paths = write_all(r, run_dir)
@@ -551,3 +552,18 @@ def test_html_under_jenkins_csp_in_chromium(compared, tmp_path):
     assert "Content Security Policy" not in p.stderr, [x for x in p.stderr.splitlines() if "Security" in x][:3]
     assert "/report.css" in requests
     assert p.stdout.count("<svg") == 5 and "lore.kernel.org/r/" in p.stdout
+
+
+def test_a_metric_gate_fails_the_comparisons_beyond_its_limit():
+    """gates.py breaks a gate on a comparison whose whole CI lies beyond the limit, or that it
+    cannot check; a 'slower' one inside the limit is not what broke it."""
+    from kpatchtest.report.compare_cells import gate_broken_by
+    beyond = _metric("wall_time", "s", "lower", 12.1, 13.4, 1.107, 1.082, 1.131, 0.002, "slower")
+    inside = _metric("wall_time", "s", "lower", 12.1, 12.5, 1.035, 1.031, 1.04, 0.002, "slower")
+    few = _metric("wall_time", "s", "lower", 12.1, 12.5, 1.035, None, None, None, "not enough data")
+    inside.host, few.host = "lab2", "lab3"
+    c = BranchComparison(metrics=[beyond, inside, few])
+    gate = GateResult(name="metrics", branch="b", passed=False, expected="wall_time max_slowdown 5%", actual="x")
+    assert gate_broken_by(c, "wall_time", gate) == [beyond, few]
+    gate.expected = "wall_time max_slowdown 2%"
+    assert gate_broken_by(c, "wall_time", gate) == [beyond, inside, few]

@@ -95,16 +95,34 @@ def tc_line(t: TestComparison) -> str:
 
 # -- gates -------------------------------------------------------------------------------
 
+def _gated_metric(g: GateResult) -> str | None:
+    """The metric a gate judges: gates.py writes name "metrics", expected "wall_time max_slowdown 5%"
+    (docs/results-schema.md says "metric:<name>"; both are read)."""
+    if g.name.startswith("metric:"):
+        return g.name.split(":", 1)[1]
+    if g.name == "metrics" and g.expected:
+        return g.expected.split(" ", 1)[0]
+    return None
+
+
 def metric_gates(result: RunResult, b: BranchResult) -> dict[str, GateResult]:
-    """metric name -> its failed `metric:<name>` gate on this branch."""
-    return {g.name.split(":", 1)[1]: g for g in result.gates_failed()
-            if g.branch == b.name and g.name.startswith("metric:")}
+    """metric name -> its failed metric gate on this branch."""
+    return {name: g for g in result.gates_failed() if g.branch == b.name and (name := _gated_metric(g))}
 
 
-def gate_broken_by(c: BranchComparison, gate_metric: str) -> list[MetricComparison]:
-    """The comparisons a failed metric gate points at: those of that metric that moved the
-    adverse way; if none did (the gate broke on n/a, say), every comparison of it."""
+def gate_broken_by(c: BranchComparison, gate_metric: str, gate: GateResult | None = None) -> list[MetricComparison]:
+    """The comparisons a failed metric gate points at. With the limit the gate recorded
+    ("... 5%"): those whose whole CI lies beyond it, or that could not be checked (n/a,
+    not enough data), as gates.py judges; else those that moved the adverse way; if none
+    of these, every comparison of that metric."""
     named = [m for m in c.metrics if m.name == gate_metric]
+    limit = re.search(r"(\d+(?:\.\d+)?)%", gate.expected) if gate else None
+    if limit:
+        bound = 1 + float(limit.group(1)) / 100
+        broken = [m for m in named if m.verdict in ("n/a", "not enough data")
+                  or (m.ci_low is not None and m.ci_low > bound)]
+        if broken:
+            return broken
     return [m for m in named if m.verdict in ADVERSE] or named
 
 

@@ -209,7 +209,7 @@ def _comparison_cases(result: RunResult, b: BranchResult, c: BranchComparison) -
         cases.append(tc)
     broken: dict[int, str] = {}
     for name, g in metric_gates(result, b).items():
-        for m in gate_broken_by(c, name):
+        for m in gate_broken_by(c, name, g):
             broken[id(m)] = f"gate {g.name} failed: expected {g.expected}, got {g.actual}"
     for m in c.metrics:
         text = _metric_text(m)
