@@ -373,7 +373,7 @@ def compared(workloads_run):
                                    for i in (1, 2, 3)])
     b = r.branches[0]
     b.compare = BranchComparison(
-        method="hierarchical bootstrap over rounds then repetitions; paired Wilcoxon over rounds", seed=7,
+        method="hierarchical bootstrap over rounds then repetitions; paired Wilcoxon over rounds; \u00b12%", seed=7,
         tests=[TestComparison(name="smptest", group=KUT, host="lab1", verdict="regression",
                               baseline=Counts(passed=10), patched=Counts(failed=10),
                               rerun_baseline=Counts(passed=2), rerun_patched=Counts(failed=2), reruns_wanted=2),
@@ -456,7 +456,7 @@ def test_summary_is_a_reply_starting_with_what_changed(compared):
     assert ("linux-6.12.y: no significant change (1 test(s) compared, 1 metric(s) within +-2%; "
             "10 rounds x 5 repetitions)") in lines
     assert "tdp_pages_allocated" not in changed                 # within the threshold: counted, not listed
-    assert all(ord(c) < 128 for c in text)
+    assert all(ord(c) < 128 for c in text) and "over rounds; +-2%; seed 7" in text
     # the workloads notes quote the comparison, not their own pooling
     assert "      root_allocs: 3 -> 806 roots, ratio 268.670 [250.100, 280.200]: more" in lines
     assert "      patched fail: smptest (regression, 1 of 2 runs), pmu; timeout: vmx (flaky)" in lines

@@ -24,9 +24,15 @@ from kpatchtest.report.workload_cells import workload_notes, workload_rows
 from kpatchtest.results import RunResult
 
 
+_ASCII = str.maketrans({"\u00b1": "+-", "\u00d7": "x", "\u2013": "-", "\u2014": "-", "\u2212": "-",
+                        "\u2264": "<=", "\u2265": ">=", "\u2192": "->", "\u2018": "'", "\u2019": "'",
+                        "\u201c": '"', "\u201d": '"'})
+
+
 def _ascii(line: str) -> str:
-    """Workload names and details come from logs: keep the mail plain ASCII."""
-    return line.encode("ascii", "replace").decode("ascii")
+    """Workload names and details come from logs, method texts from the compare stage:
+    keep the mail plain ASCII (the usual symbols spelled out, anything else '?')."""
+    return line.translate(_ASCII).encode("ascii", "replace").decode("ascii")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
