@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,11 @@ def test_bad_compare_and_gates_give_one_line_naming_the_key(tmp_path, text, expe
     msg = str(e.value)
     assert expected in msg, msg
     assert "\n" not in msg
+
+
+def test_the_readme_spec_example_is_a_spec(tmp_path):
+    """The README documents every section with one example: it must stay a valid spec."""
+    block = re.search(r"## The series spec\n\n```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    spec = parse_spec(block.group(1), tmp_path / "s.yaml").spec
+    assert spec.compare.threshold == 0.02 and spec.gates.regressions == "none"
+    assert set(spec.gates.metrics) == {"wall_time", "root_allocs"} and spec.workloads.order == "alternate"
