@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 import tempfile
@@ -124,6 +125,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--plain", action="store_true", help="the plain lab image (no QEMU inside, ~3 MB)")
     args = ap.parse_args()
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL)   # its SSH polls of a VM still booting
     bz, release = _kernel(args)
     print(f"kernel {release} ({bz})")
     work = Path(tempfile.mkdtemp(prefix="kpt-boot-bench-"))
