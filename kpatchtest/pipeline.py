@@ -29,12 +29,12 @@ from kpatchtest.gates import evaluate_gates
 from kpatchtest.kernelrepo import KernelCache
 from kpatchtest.patchset import Series
 from kpatchtest.progress import Progress
-from kpatchtest.report import write_all
+from kpatchtest.report import REPORT_FILES, write_all
 from kpatchtest.results import RunResult, SeriesInfo, SeriesPatchInfo
 from kpatchtest.rundir import CacheDir, RunDir
 from kpatchtest.spec import LoadedSpec
 from kpatchtest.stage import RunContext, Stage
-from kpatchtest.util import user_path, utcnow
+from kpatchtest.util import user_path, utcnow, write_atomic
 from kpatchtest.workloads.stage import WorkloadsStage
 
 STAGES = ("fetch", "apply", "build", "boot", "workloads", "compare")
@@ -94,18 +94,29 @@ def series_info(series: Series) -> SeriesInfo:
 
 
 class _Saver:
-    """The record and its reports after every unit, as at the end (report.write_all: each file
-    atomically, results.json last, series.mbox with the first record that refers to it), so
-    a killed run leaves a consistent partial record (`finished` unset). Nothing is written
+    """results.json after every unit, atomically, with `finished` unset until the end; the
+    reports (rendering them takes seconds) once at the end, by report.write_all. The first
+    save removes the previous run's reports, which describe a record no longer there
+    (`kpatchtest report out/results.json` renders the partial one). Nothing is written
     before a unit finished: a run that fails on input keeps the previous record."""
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
         self.lock = threading.Lock()
+        self._started = False
 
-    def save(self) -> list[Path]:
-        ctx = self.ctx
-        return write_all(ctx.result, ctx.rundir.path, extra={"series.mbox": ctx.series.as_mbox()})
+    def save(self) -> None:
+        out = self.ctx.rundir.path
+        if not self._started:
+            for name in REPORT_FILES:
+                (out / name).unlink(missing_ok=True)
+            # series.mbox goes ahead of the first record that refers to it
+            write_atomic(out / "series.mbox", self.ctx.series.as_mbox())
+            self._started = True
+        write_atomic(self.ctx.rundir.results, self.ctx.result.model_dump_json(indent=2) + "\n")
+
+    def finish(self) -> list[Path]:
+        return write_all(self.ctx.result, self.ctx.rundir.path, extra={"series.mbox": self.ctx.series.as_mbox()})
 
 
 def _reuse(stage: Stage, ctx: RunContext, unit, key: str | None):
@@ -243,7 +254,7 @@ def run(loaded: LoadedSpec, opts: RunOptions, progress: Progress | None = None) 
             progress.log(f"no branch produced a result: kept the previous {rundir.results} and its reports")
             reports = []
         else:
-            reports = saver.save()
+            reports = saver.finish()
     code = EXIT_OK
     if any(b.error for b in result.branches):
         code = EXIT_INPUT

@@ -115,7 +115,10 @@ class BootStage(Stage[BootJob, BootRecord]):
         setting of the lab and the workloads: change any and the boot runs again."""
         spec = self.ctx.spec
         return input_key(__version__, job.branch, job.build, job.round, job.rerun, *job.only,
-                         job.host.model_dump_json(exclude={"port"}),
+                         # the host as a lab box: not how this run reaches it (the local lab's
+                         # port, console and power commands are new with every VM)
+                         job.host.model_dump_json(include={"name", "address", "user", "boot", "boot_command",
+                                                           "cmdline", "initrd", "tags"}),
                          Path(job.kernel.bzimage).resolve(), job.kernel.kernelrelease, job.kernel.extra_cmdline,
                          spec.lab.model_dump_json(),
                          json.dumps(spec.workloads.model_dump(mode="json"), sort_keys=True)

@@ -7,6 +7,9 @@ from pathlib import Path
 from kpatchtest.results import RunResult
 from kpatchtest.util import write_atomic
 
+# What write_all renders beside results.json (a run's first save removes a previous run's).
+REPORT_FILES = ("junit.xml", "summary.md", "report.html", "report.css")
+
 
 def write_all(result: RunResult, out: Path, run_dir: Path | None = None, *,
               extra: dict[str, bytes] | None = None, with_results: bool = True) -> list[Path]:
