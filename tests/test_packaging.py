@@ -3,6 +3,7 @@ are package data (kpatchtest/data), found next to the code, not beside a source 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,8 +13,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_wheel_carries_every_package_file(tmp_path):
+    # built from a copy: setuptools leaves build/ and *.egg-info behind in the tree it builds
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "kpatchtest", src / "kpatchtest", ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / f, src / f)
     p = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                        "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+                        "-w", str(tmp_path), str(src)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     (wheel,) = tmp_path.glob("kpatchtest-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
