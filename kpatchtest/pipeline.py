@@ -201,9 +201,13 @@ def _plan(loaded: LoadedSpec, opts: RunOptions) -> None:
     if "compare" in opts.stages and "workloads" not in opts.stages:
         raise InputError("--stages compare needs the workloads stage too (it compares their results)",
                          hint="use --stages fetch,apply,build,boot,workloads,compare")
+    # workloads run inside the boot stage's units: forcing them is forcing the boots
+    opts.force = tuple(dict.fromkeys("boot" if s == "workloads" else s for s in opts.force))
     for s in opts.force:
-        if s not in STAGES:
-            raise InputError(f"--force: unknown stage {s!r}", hint=f"available: {', '.join(STAGES)}")
+        if s in ("fetch", "build"):
+            raise InputError(f"--force {s}: its results are reused by content, not by run "
+                             f"({'the series cache is keyed by the mails' if s == 'fetch' else 'an identical tree, config and toolchain gives the same kernel'})",
+                             hint="--force apply, boot (with its workloads) or compare")
 
 
 def run(loaded: LoadedSpec, opts: RunOptions, progress: Progress | None = None) -> Outcome:

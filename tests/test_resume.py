@@ -85,6 +85,8 @@ def test_bad_jobs_and_force_are_usage_errors(hist, tmp_path, capsys):
     assert "--jobs 0: must be at least 1" in capsys.readouterr().err
     assert main(["run", str(spec), "--out", str(tmp_path / "o"), "--force", "bild"]) == 2
     assert "--force: unknown stage 'bild'" in capsys.readouterr().err
+    assert main(["run", str(spec), "--out", str(tmp_path / "o"), "--force", "build"]) == 2
+    assert "--force build: its results are reused by content" in capsys.readouterr().err
 
 
 def _qemu_pids(out: Path) -> list[int]:
