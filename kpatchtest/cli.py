@@ -17,6 +17,7 @@ from kpatchtest.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, InputError, Kp
 from kpatchtest.kernelrepo import default_cache_dir
 from kpatchtest.progress import Progress
 from kpatchtest.util import user_path
+from kpatchtest.rundir import CacheDir
 
 
 class _Parser(argparse.ArgumentParser):
@@ -183,7 +184,7 @@ def cmd_lab(args) -> int:
         print(f"host key: {image.host_public_key}")
         return EXIT_OK
     from kpatchtest.lab.ssh.hostlock import Quarantine
-    Quarantine(cache / "lab-state" / "quarantine.json").clear(args.host)
+    Quarantine(CacheDir(cache).lab_state / "quarantine.json").clear(args.host)
     print(f"quarantine cleared for {args.host or 'all hosts'}")
     return EXIT_OK
 

@@ -21,6 +21,7 @@ from kpatchtest.locks import exclusive as locked
 from kpatchtest.spec import BranchSpec
 from kpatchtest.urls import is_url, ref_problem, repo_problem
 from kpatchtest.util import user_path
+from kpatchtest.rundir import CacheDir
 
 REMOTES = "refs/kpatchtest/remotes"
 IMPORTS = "refs/kpatchtest/imports"
@@ -49,7 +50,7 @@ class KernelCache:
         self.repo = repo
         key = repo or "imports"
         name = slug(Path(key.rstrip("/")).name or "repo") + "-" + hashlib.sha1(key.encode()).hexdigest()[:10]
-        self.path = cache_dir / "repos" / f"{name}.git"
+        self.path = CacheDir(cache_dir).repos / f"{name}.git"
         self.git = Git(self.path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")   # exists before the repo does
 

@@ -123,18 +123,27 @@ class RunDir:
 
 @dataclass(frozen=True)
 class CacheDir:
-    """--cache-dir: what outlives a run, shared by runs (each part locks what it writes)."""
+    """--cache-dir: what outlives a run, shared by runs (each part locks what it writes).
+
+        repos/            bare kernel repositories and tarball imports (kernelrepo)
+        series/  b4/      fetched series by content; b4's own dirs (fetch)
+        build/            worktrees and object dirs per repo and branch (build)
+        artifacts/        built kernels by tree+config+toolchain; configs/ merged configs
+        ccache/           the compiler cache
+        kvm-unit-tests/   sources and builds per commit, arch and compiler (workloads)
+        lab/              the local lab's image, keys and known-good kernels
+        lab-state/        host locks and quarantine of real lab hosts
+    """
 
     path: Path
 
-    @property
-    def repos(self) -> Path:            # bare kernel repositories, tarball imports
-        return self.path / "repos"
-
-    @property
-    def lab_state(self) -> Path:        # host locks and quarantine of real lab hosts
-        return self.path / "lab-state"
-
-    @property
-    def kvm_unit_tests(self) -> Path:   # source repos and builds per commit/arch/compiler
-        return self.path / "kvm-unit-tests"
+    repos = property(lambda self: self.path / "repos")
+    series = property(lambda self: self.path / "series")
+    b4 = property(lambda self: self.path / "b4")
+    build = property(lambda self: self.path / "build")
+    artifacts = property(lambda self: self.path / "artifacts")
+    configs = property(lambda self: self.path / "configs")
+    ccache = property(lambda self: self.path / "ccache")
+    kvm_unit_tests = property(lambda self: self.path / "kvm-unit-tests")
+    lab = property(lambda self: self.path / "lab")
+    lab_state = property(lambda self: self.path / "lab-state")

@@ -28,6 +28,7 @@ from kpatchtest.gitutil import Git
 from kpatchtest.locks import exclusive as locked
 from kpatchtest.results import ApplyResult, BranchBuild, BuildResult, PatchBuild
 from kpatchtest.util import sha256_text, write_atomic
+from kpatchtest.rundir import CacheDir
 
 # Fixed build identity strings: the same inputs give the same kernel.
 _REPRODUCIBLE = {"KBUILD_BUILD_TIMESTAMP": "Thu Jan  1 00:00:00 UTC 1970",
@@ -71,7 +72,7 @@ class BuildPlace:
 
     @classmethod
     def for_branch(cls, cache_dir: Path, repo_name: str, branch_slug: str) -> "BuildPlace":
-        root = cache_dir / "build" / repo_name / branch_slug
+        root = CacheDir(cache_dir).build / repo_name / branch_slug
         return cls(worktree=root / "src", obj=root / "obj", kcfg=root / "kconfig", lock=root.with_suffix(".lock"))
 
 
@@ -114,7 +115,7 @@ class Builder:
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ, **_REPRODUCIBLE, LC_ALL="C")
-        env["CCACHE_DIR"] = str(self.cache_dir / "ccache")
+        env["CCACHE_DIR"] = str(CacheDir(self.cache_dir).ccache)
         env.setdefault("CCACHE_MAXSIZE", "20G")
         return env
 
@@ -152,7 +153,7 @@ class Builder:
     def _config(self, place: BuildPlace, commit: str, tree: str) -> _Config:
         """The final .config for this tree; cached, so a repeat run runs no make."""
         key = sha256_text(f"{ARCH}\0{tree}\0{self.recipe.key()}\0{self.toolchain.key()}")[:24]
-        cache = self.cache_dir / "configs" / f"{key}.json"
+        cache = CacheDir(self.cache_dir).configs / f"{key}.json"
         if cache.exists():
             d = json.loads(cache.read_text())
             return _Config(d["text"], d["hash"], d["missing"], d["errors"])
@@ -212,7 +213,7 @@ class Builder:
                 res.config_hash, res.config_missing, res.config_errors = cfg.hash, cfg.missing, cfg.errors
                 ident = sha256_text("\0".join([tree, cfg.hash, self.toolchain.key(),
                                                json.dumps(self.make_vars, sort_keys=True)]))
-                store = self.cache_dir / "artifacts" / ident[:32]
+                store = CacheDir(self.cache_dir).artifacts / ident[:32]
                 if (store / "meta.json").exists():
                     meta = json.loads((store / "meta.json").read_text())
                     res.reused = True

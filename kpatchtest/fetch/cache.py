@@ -23,12 +23,13 @@ from kpatchtest.errors import FetchError
 from kpatchtest.fetch import mail
 from kpatchtest.fetch.mail import Fetched
 from kpatchtest.util import sha256_text, utcnow, write_atomic
+from kpatchtest.rundir import CacheDir
 
 CACHE_FORMAT = 2             # 2: entries keep the mails as sent (sent/) for byte-faithful diffs
 
 
 def root(cache_dir: Path) -> Path:
-    return Path(cache_dir) / "series"
+    return CacheDir(Path(cache_dir)).series
 
 
 def key(kind: str, ident: str, version: int | None, attestation: str, keyring: Path | None) -> str:

@@ -36,6 +36,7 @@ from kpatchtest.fetch.sources import CommitsSource, MboxSource, MsgidSource, Sou
 from kpatchtest.gitutil import Git
 from kpatchtest.patchset import Patch, Series
 from kpatchtest.util import sha256_text
+from kpatchtest.rundir import CacheDir
 
 RAW_TIMEOUT = 60            # seconds to fetch one mail as sent from the archive
 
@@ -52,7 +53,7 @@ class FetchOptions:
 
     def b4_runner(self) -> b4.B4:
         """b4 as these options run it, its scratch dirs under cache_dir/b4."""
-        return b4.B4(scratch=Path(self.cache_dir) / "b4", attestation=self.attestation,
+        return b4.B4(scratch=CacheDir(Path(self.cache_dir)).b4, attestation=self.attestation,
                      midmask=self.midmask, keyring=self.keyring)
 
 

@@ -22,6 +22,7 @@ from kpatchtest.workloads import kut
 from kpatchtest.workloads.record import WorkloadRecord
 from kpatchtest.workloads.smm_boot import NAME as SMM_NAME
 from kpatchtest.workloads.smm_boot import image_for, run_smm_boot
+from kpatchtest.rundir import CacheDir
 
 REMOTE_KUT = "/var/tmp/kpatchtest/kvm-unit-tests"
 
@@ -50,9 +51,9 @@ class Workloads:
         k = self.spec.kvm_unit_tests
         if k is not None:
             try:
-                source = kut.kut_source(k.source, k.ref, self.cache_dir / "kvm-unit-tests", offline=self.offline)
+                source = kut.kut_source(k.source, k.ref, CacheDir(self.cache_dir).kvm_unit_tests, offline=self.offline)
                 self.log(f"kvm-unit-tests: building {source}")
-                self.kut_tree = kut.build_kut(source, self.cache_dir / "kvm-unit-tests", jobs=self.jobs)
+                self.kut_tree = kut.build_kut(source, CacheDir(self.cache_dir).kvm_unit_tests, jobs=self.jobs)
                 self.log(f"kvm-unit-tests: built {self.kut_tree.name}")
             except KpatchtestError as e:
                 self.kut_error = str(e)

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kpatchtest.locks import exclusive
+from kpatchtest.rundir import CacheDir
 
 __all__ = ["LabImage", "build_image", "IMAGE_FORMAT", "MARKER", "GUEST_ADDRESS", "GUEST_GATEWAY"]
 
@@ -413,7 +414,7 @@ def _tree(host_key: Path, client_pub: str, nested: bool) -> _Tree:
 
 def build_image(cache_dir: Path, *, nested: bool = False, log=lambda msg: None) -> LabImage:
     """Build (or find in the cache) the lab initramfs; see the module docstring."""
-    lab = Path(cache_dir) / "lab"
+    lab = CacheDir(Path(cache_dir)).lab
     host_key, client_key, host_pub, client_pub = ensure_keys(lab / "keys")
     tree = _tree(host_key, client_pub, nested)
     h = hashlib.sha256(f"kpatchtest lab image format {IMAGE_FORMAT}\n".encode())
