@@ -28,7 +28,7 @@ from kpatchtest.gitutil import Git
 from kpatchtest.locks import exclusive as locked
 from kpatchtest.results import ApplyResult, BranchBuild, BuildResult, PatchBuild
 from kpatchtest.util import sha256_text, write_atomic
-from kpatchtest.rundir import CacheDir
+from kpatchtest.rundir import CacheDir, RunDir
 
 # Fixed build identity strings: the same inputs give the same kernel.
 _REPRODUCIBLE = {"KBUILD_BUILD_TIMESTAMP": "Thu Jan  1 00:00:00 UTC 1970",
@@ -339,9 +339,8 @@ def _skipped(reason: str, commit: str | None = None) -> BuildResult:
 def build_branch(builder: Builder, place: BuildPlace, apply: ApplyResult, run_dir: Path, branch_slug: str,
                  per_patch: bool = False) -> BranchBuild:
     """Baseline, then (optionally) each patch, then the patched tree, in one place."""
-    rel = f"artifacts/{branch_slug}"
     baseline, base_warnings = builder.build(place, apply.branch_commit, f"{branch_slug} baseline", run_dir,
-                                            f"{rel}/baseline")
+                                            RunDir.artifacts(branch_slug, "baseline"))
     out = BranchBuild(baseline=baseline, patched=_skipped("nothing of the series applied"))
     if not apply.patched_commit:
         return out
@@ -349,13 +348,13 @@ def build_branch(builder: Builder, place: BuildPlace, apply: ApplyResult, run_di
         for p in apply.patches:
             if not p.commit:
                 continue
-            r, _ = builder.build(place, p.commit, f"{branch_slug} patch {p.index}", run_dir, f"{rel}/patch-{p.index:02d}")
+            r, _ = builder.build(place, p.commit, f"{branch_slug} patch {p.index}", run_dir, RunDir.artifacts(branch_slug, f"patch-{p.index:02d}"))
             out.per_patch.append(PatchBuild(index=p.index, status=r.status, objects_compiled=r.objects_compiled,
                                             reason=r.reason))
             if r.status == "fail" and out.first_bad_patch is None:
                 out.first_bad_patch = p.index
     patched, patched_warnings = builder.build(place, apply.patched_commit, f"{branch_slug} patched", run_dir,
-                                              f"{rel}/patched")
+                                              RunDir.artifacts(branch_slug, "patched"))
     if baseline.status == "pass" and patched.status == "pass":
         seen = set(base_warnings)
         patched.warnings_new = [w for w in patched_warnings if w not in seen]
