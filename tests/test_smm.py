@@ -31,7 +31,6 @@ from kpatchtest.workloads.bootsector import (
 )
 from kpatchtest.workloads.smm import (
     RUN_SCRIPT,
-    LocalRunner,
     SmmBootRun,
     guest_memory_mb,
     interpret_exit,
@@ -39,6 +38,7 @@ from kpatchtest.workloads.smm import (
     parse_run_output,
     parse_serial,
 )
+from tests.localrunner import LocalRunner
 
 QEMU = shutil.which("qemu-system-x86_64")
 SEABIOS = Path("/usr/share/seabios/bios-256k.bin")

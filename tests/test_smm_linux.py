@@ -24,7 +24,7 @@ from kpatchtest.lab.ssh.connection import HostConnection
 from kpatchtest.spec import SmmBootSpec, load_spec
 from kpatchtest.workloads import linux_guest as LG
 from kpatchtest.workloads.bootsector import EXIT_OK
-from kpatchtest.workloads.smm import LocalRunner
+from tests.localrunner import LocalRunner
 from kpatchtest.workloads.smm_boot import boot_run, image_for, run_smm_boot
 
 LAB_KERNELS = Path.home() / ".cache" / "kpatchtest" / "lab" / "kernels"

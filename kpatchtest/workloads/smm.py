@@ -6,7 +6,7 @@ times per BIOS disk read. Pieces:
 
 - `nested_qemu_argv()`: the QEMU command line;
 - `interpret_exit()`: QEMU's exit status -> (workload status, detail);
-- `SmmBootRun`: run it through a `Runner` (a lab HostConnection, or `LocalRunner` for
+- `SmmBootRun`: run it through a `Runner` (a lab HostConnection, or tests' `LocalRunner` for
   this machine) inside a tiny POSIX-sh wrapper (`RUN_SCRIPT`) that bounds it with
   `timeout -s KILL`, times it with /proc/uptime, and samples KVM's per-VM debugfs
   counters while the guest lives (they vanish with the VM).
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,28 +144,6 @@ class Runner(Protocol):
 
     def run(self, argv: Sequence[str], *, timeout: float | None = None,
             check: bool = True) -> _Result: ...
-
-
-@dataclass(frozen=True)
-class LocalResult:
-    command: str
-    exit_code: int
-    stdout: str
-    stderr: str
-
-
-class LocalRunner:
-    """Runs argv on this machine (tests, and a lab that is this machine)."""
-
-    def run(self, argv: Sequence[str], *, timeout: float | None = None,
-            check: bool = True) -> LocalResult:
-        # bytes, decoded here: text=True would turn a guest console's bare \r into a line break
-        p = subprocess.run(list(argv), capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
-        out, err = (b.decode("utf-8", errors="replace") for b in (p.stdout, p.stderr))
-        r = LocalResult(shlex.join(argv), p.returncode, out, err)
-        if check and p.returncode != 0:
-            raise subprocess.CalledProcessError(p.returncode, argv, out, err)
-        return r
 
 
 # The remote part, run as `sh -c RUN_SCRIPT sh LIMIT STATSDIR SERIAL ARGV...`. It prints
