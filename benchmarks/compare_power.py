@@ -114,7 +114,8 @@ def aa_check(runs: list[WorkloadRun], cfg: CompareSpec) -> bool:
     spec = Spec.model_construct(compare=cfg, workloads=None)
     comp = compare_branch(BranchResult(name="aa", workloads=runs), spec)
     ok = True
-    print(f"A/A, {len({w.round for w in runs})} rounds, every metric (compare stage, seed {cfg.seed}, "
+    rounds = {w.round for w in runs if w.build == "baseline"} & {w.round for w in runs if w.build == "patched"}
+    print(f"A/A, {len(rounds)} paired rounds, every metric (compare stage, seed {cfg.seed}, "
           f"{cfg.bootstrap} resamples, threshold {cfg.threshold:.0%}):")
     for m in comp.metrics:
         judged = m.verdict not in ("no significant change", "n/a", "not enough data")
