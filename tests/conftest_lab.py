@@ -207,3 +207,17 @@ def _ssh_for(vm, image, workdir: Path) -> SSH:
 @pytest.fixture(scope="module")
 def lab_ssh(local_vm, lab_image) -> SSH:
     return _ssh_for(local_vm, lab_image, local_vm.workdir)
+
+
+@pytest.fixture(scope="module")
+def traced_host(trace_kernel, kpt_cache, tmp_path_factory):
+    """The local lab on the kernel with kprobes and tracepoints, nested image (QEMU + SeaBIOS)."""
+    from kpatchtest.lab.local.lab import local_lab
+    bz, _ = trace_kernel
+    with local_lab(bz, kpt_cache, tmp_path_factory.mktemp("lab"), nested=True) as host:
+        yield host
+
+
+def metric(record, name):
+    """A workload record's metric by name."""
+    return next(m for m in record.metrics if m.name == name)

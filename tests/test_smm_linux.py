@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 
 from kpatchtest.errors import InputError
-from kpatchtest.lab.local.lab import local_lab
 from kpatchtest.lab.ssh.connection import HostConnection
 from kpatchtest.spec import SmmBootSpec, load_spec
 from kpatchtest.workloads import linux_guest as LG
 from kpatchtest.workloads.bootsector import EXIT_OK
-from tests.localrunner import LocalRunner
 from kpatchtest.workloads.smm_boot import boot_run, image_for, run_smm_boot
+from tests.conftest_lab import metric
+from tests.localrunner import LocalRunner
 
 LAB_KERNELS = Path.home() / ".cache" / "kpatchtest" / "lab" / "kernels"
 MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1"}
@@ -206,17 +206,6 @@ def test_linux_guest_boots_under_tcg_with_ordered_phases(some_bzimage, tmp_path)
 
 
 # --- the local lab (nested: the lab kernel is the KVM host) --------------------------------------
-
-@pytest.fixture(scope="module")
-def traced_host(trace_kernel, kpt_cache, tmp_path_factory):
-    bz, _ = trace_kernel
-    with local_lab(bz, kpt_cache, tmp_path_factory.mktemp("lab"), nested=True) as host:
-        yield host
-
-
-def metric(record, name):
-    return next(m for m in record.metrics if m.name == name)
-
 
 @need_tools
 @pytest.mark.slow

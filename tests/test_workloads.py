@@ -19,7 +19,7 @@ from kpatchtest.results import SCHEMA_VERSION
 from kpatchtest.spec import SmmBootSpec
 from kpatchtest.workloads.bootsector import make_boot_image
 from kpatchtest.workloads.smm_boot import image_for, run_smm_boot
-from tests.conftest_lab import LAB_BASE, LAB_FRAGMENTS, build_lab_kernel
+from tests.conftest_lab import LAB_BASE, LAB_FRAGMENTS, build_lab_kernel, metric
 from tests.test_build import harmless_commit, pipeline_spec
 
 pytestmark = pytest.mark.slow
@@ -120,19 +120,6 @@ def test_host_that_vanishes_mid_workload_gives_an_error_record(lab_kernel, kpt_c
     assert record.status == "error", record
     assert "stopped answering" in record.detail and "1 of 3 repetitions ran" in record.detail
     assert time.monotonic() - t0 < 60
-
-
-# Last: the module's traced VM stays up until the module ends.
-@pytest.fixture(scope="module")
-def traced_host(trace_kernel, kpt_cache, tmp_path_factory):
-    """The local lab on the kernel with kprobes and tracepoints, nested image (QEMU + SeaBIOS)."""
-    bz, _ = trace_kernel
-    with local_lab(bz, kpt_cache, tmp_path_factory.mktemp("lab"), nested=True) as host:
-        yield host
-
-
-def metric(record, name):
-    return next(m for m in record.metrics if m.name == name)
 
 
 def test_smm_heavy_boot_counts_transitions_and_roots_on_6_1(traced_host, tmp_path):
