@@ -281,6 +281,7 @@ def test_a_b4_output_dir_is_patches_or_one_line(patches, cover, log, count_right
 @FEW
 @given(LOG, st.integers(-1, 3))
 @example("Traceback (most recent call last):\n  File \"b4\", line 1\nIndexError: x", 1)   # b4 crashed
+@example("Traceback (most recent call last):\nTraceback (most recent call last):", 0)   # found by hypothesis in CI-like run
 def test_a_b4_log_is_usable_or_one_line(log, rc):
     with tempfile.TemporaryDirectory() as d:
         one_line_or_ok(b4.check_result, rc, log, Path(d), "mbox x")

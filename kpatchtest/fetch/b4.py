@@ -157,7 +157,10 @@ def b4_error(log: str) -> str | None:
             if w in ln:
                 return ln
     if tb.strip():
-        return f"b4 crashed on it ({tb.strip().splitlines()[-1].strip()})"
+        # the exception line: the last one that is not traceback framing (a log may hold two)
+        ends = [ln.strip() for ln in tb.splitlines()
+                if ln.strip() and not ln.startswith(" ") and "Traceback" not in ln and ln.strip() != ":"]
+        return f"b4 crashed on it ({ends[-1]})" if ends else "b4 crashed on it"
     for w in ("ERROR", "CRITICAL", "Error", "error"):
         for ln in lines:
             if w in ln:
