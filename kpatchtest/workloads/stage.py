@@ -12,17 +12,18 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from kpatchtest.boot.stage import first_baseline
 from kpatchtest.errors import KpatchtestError
 from kpatchtest.lab.ssh.connection import HostConnection
 from kpatchtest.lab.ssh.inventory import HostSpec
-from kpatchtest.results import BootResult, RunResult, WorkloadRun
+from kpatchtest.results import BootResult, WorkloadRun
+from kpatchtest.rundir import CacheDir
 from kpatchtest.spec import WorkloadsSpec
 from kpatchtest.stage import Stage
 from kpatchtest.workloads import kut
 from kpatchtest.workloads.record import WorkloadRecord
 from kpatchtest.workloads.smm_boot import NAME as SMM_NAME
 from kpatchtest.workloads.smm_boot import image_for, run_smm_boot
-from kpatchtest.rundir import CacheDir
 
 REMOTE_KUT = "/var/tmp/kpatchtest/kvm-unit-tests"
 
@@ -42,25 +43,24 @@ class Workloads:
         self.kut_error = ""
         self.smm_image: Path | None = None
 
-    def prepare(self, result: RunResult | None = None) -> None:
+    def prepare(self, guest_kernel: Path | None = None) -> None:
         """Build kvm-unit-tests once (cached by source, arch and compiler); write the boot image
-        (guest linux: of smm_boot.kernel, else of `result`'s first passing baseline build).
+        (guest linux: of smm_boot.kernel, else of `guest_kernel`).
 
         A kvm-unit-tests source that cannot be had is reported on every run's records,
         not raised: the SMM boot and the boots themselves still have something to say."""
         k = self.spec.kvm_unit_tests
         if k is not None:
             try:
-                source = kut.kut_source(k.source, k.ref, CacheDir(self.cache_dir).kvm_unit_tests, offline=self.offline)
+                where = CacheDir(self.cache_dir).kvm_unit_tests
+                source = kut.kut_source(k.source, k.ref, where, offline=self.offline)
                 self.log(f"kvm-unit-tests: building {source}")
-                self.kut_tree = kut.build_kut(source, CacheDir(self.cache_dir).kvm_unit_tests, jobs=self.jobs)
+                self.kut_tree = kut.build_kut(source, where, jobs=self.jobs)
                 self.log(f"kvm-unit-tests: built {self.kut_tree.name}")
             except KpatchtestError as e:
                 self.kut_error = str(e)
                 self.log(f"kvm-unit-tests: {e}")
         if self.spec.smm_boot is not None:
-            from kpatchtest.boot.stage import first_baseline
-            guest_kernel = first_baseline(result.branches, self.run_dir) if result is not None else None
             self.smm_image = image_for(self.spec.smm_boot, self.run_dir / "workloads", guest_kernel)
 
     # -- run by the lab backend on each booted kernel (lab/backend.py BootJob.workloads) ----
@@ -137,7 +137,7 @@ class WorkloadsStage(Stage[None, WorkloadRun]):
         ctx = self.ctx
         w = Workloads(ctx.spec.workloads, ctx.opts.out, ctx.opts.cache_dir, offline=ctx.opts.offline,
                       jobs=ctx.spec.build.jobs or os.cpu_count() or 2, log=ctx.progress.log)
-        w.prepare(ctx.result)
+        w.prepare(guest_kernel=first_baseline(ctx.result.branches, ctx.opts.out))   # the lab's known-good kernel
         ctx.shared["workloads"] = w
 
     def units(self) -> list[None]:
