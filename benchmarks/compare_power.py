@@ -51,40 +51,48 @@ BUILDS = ("baseline", "patched")
 
 def measure(bz: Path, release: str, cache_dir: Path, rounds: int, repetitions: int,
             spec: SmmBootSpec, boot: str = "kexec", save: Path | None = None) -> list[WorkloadRun]:
-    """`rounds` x 2 boots of one kernel on the local lab, the SMM boot on each.
+    """`rounds` x 2 boots of one kernel on a local lab of its own (see measure_on)."""
+    work = Path(tempfile.mkdtemp(prefix="kpt-aa-"))
+    with local_lab(bz, cache_dir, work / "lab", nested=True) as host:
+        return measure_on(host, bz, release, rounds, repetitions, spec, work, boot, save)
+
+
+def measure_on(host, bz: Path, release: str, rounds: int, repetitions: int, spec: SmmBootSpec,
+               work: Path, boot: str = "kexec", save: Path | None = None) -> list[WorkloadRun]:
+    """`rounds` x 2 boots of one kernel on `host` (a lab host on its known-good kernel),
+    the SMM boot on each, "baseline" then "patched" in every round.
 
     boot "kexec": as the workloads stage does (deploy, kexec, power cycle back); "reset":
     the kernel is the lab's known-good one and each boot is one power cycle into it (half
-    the boot time, the same boot-to-boot variation of that kernel)."""
-    work = Path(tempfile.mkdtemp(prefix="kpt-aa-"))
+    the boot time, the same boot-to-boot variation of that kernel). The host is back on
+    its known-good kernel at the end."""
     image = image_for(spec, work / "images")
     runs: list[WorkloadRun] = []
     t_all = time.monotonic()
-    with local_lab(bz, cache_dir, work / "lab", nested=True) as host:
-        booter = Booter(host, work)
-        for r in range(1, rounds + 1):
-            for build in BUILDS:
-                t = time.monotonic()
-                rel = f"{build}-r{r}"
-                if boot == "kexec":
-                    res = booter.boot(KernelToBoot(build=build, bzimage=bz, kernelrelease=release), f"boot/{rel}")
-                    if res.status != "booted":
-                        raise SystemExit(f"round {r} {build}: boot failed: {res.reason}")
-                conn = HostConnection(host)
-                conn.open()
-                try:
-                    rec, used = run_smm_boot(conn, spec, image, repetitions, work / "workloads" / rel, work)
-                finally:
-                    conn.close()
-                if not booter.return_to_known_good():     # after kexec: back; reset: the next boot
-                    raise SystemExit(f"round {r} {build}: the power cycle did not bring the host back")
-                runs.append(WorkloadRun(build=build, host=host.name, round=r, kernelrelease=release,
-                                        repetitions=repetitions, records=[rec], probes=used))
-                if save:        # after every boot: an interrupted run still gives --from-json its rounds
-                    save.write_text(json.dumps([w.model_dump(mode="json") for w in runs], indent=1) + "\n")
-                wall = next(m.values for m in rec.metrics if m.name == "wall_time")
-                print(f"round {r:2} {build:8}: {rec.status}, wall_time {', '.join(f'{v:.2f}' for v in wall if v)} s; "
-                      f"cycle {time.monotonic() - t:.1f} s", flush=True)
+    booter = Booter(host, work)
+    for r in range(1, rounds + 1):
+        for build in BUILDS:
+            t = time.monotonic()
+            rel = f"{build}-r{r}"
+            if boot == "kexec":
+                res = booter.boot(KernelToBoot(build=build, bzimage=bz, kernelrelease=release), f"boot/{rel}")
+                if res.status != "booted":
+                    raise SystemExit(f"round {r} {build}: boot failed: {res.reason}")
+            conn = HostConnection(host)
+            conn.open()
+            try:
+                rec, used = run_smm_boot(conn, spec, image, repetitions, work / "workloads" / rel, work)
+            finally:
+                conn.close()
+            if not booter.return_to_known_good():     # after kexec: back; reset: the next boot
+                raise SystemExit(f"round {r} {build}: the power cycle did not bring the host back")
+            runs.append(WorkloadRun(build=build, host=host.name, round=r, kernelrelease=release,
+                                    repetitions=repetitions, records=[rec], probes=used))
+            if save:        # after every boot: an interrupted run still gives --from-json its rounds
+                save.write_text(json.dumps([w.model_dump(mode="json") for w in runs], indent=1) + "\n")
+            wall = next(m.values for m in rec.metrics if m.name == "wall_time")
+            print(f"round {r:2} {build:8}: {rec.status}, wall_time {', '.join(f'{v:.2f}' for v in wall if v)} s; "
+                  f"cycle {time.monotonic() - t:.1f} s", flush=True)
     print(f"{rounds} rounds x 2 boots x {repetitions} repetitions in {time.monotonic() - t_all:.0f} s")
     return runs
 

@@ -159,3 +159,27 @@ def test_nested_guest_that_hangs_ends_as_timeout(traced_host, tmp_path):
     assert "1 of 3 repetitions ran" in record.detail
     assert time.monotonic() - t0 < 8 + 90
     assert left[0] == "0" and left[1] == "0", left      # no probe left registered, no QEMU left running
+
+
+def test_aa_run_gives_no_significant_change_for_any_metric(traced_host, trace_kernel, tmp_path):
+    """False positives: the same kernel on both sides (an A/A run: 3 rounds, each one
+    power cycle per side, 2 repetitions of the SMM boot per boot) through the compare
+    stage's own comparison and default settings. Every metric must come out "no
+    significant change" (or n/a: a count that only describes the workload); a verdict here
+    would be the statistics calling noise a change. The 10-round version, with the power
+    numbers, is benchmarks/compare_power.py."""
+    from benchmarks.compare_power import measure_on
+    from kpatchtest.compare.stage import compare_branch
+    from kpatchtest.results import BranchResult
+    from kpatchtest.spec import CompareSpec, Spec
+    bz, release = trace_kernel
+    runs = measure_on(traced_host, bz, release, 3, 2, SmmBootSpec(reads=READS, timeout_s=120), tmp_path, boot="reset")
+    assert [(w.round, w.build) for w in runs] == [(r, b) for r in (1, 2, 3) for b in ("baseline", "patched")]
+    assert all(rec.status == "pass" for w in runs for rec in w.records), [rec.detail for w in runs for rec in w.records]
+    comp = compare_branch(BranchResult(name="aa", workloads=runs), Spec.model_construct(compare=CompareSpec(), workloads=None))
+    judged = {m.name: m.verdict for m in comp.metrics}
+    assert "wall_time" in judged and "root_allocs" in judged, judged     # measured, not skipped
+    assert all(v in ("no significant change", "n/a") for v in judged.values()), judged
+    wall = next(m for m in comp.metrics if m.name == "wall_time")
+    assert (wall.rounds, wall.repetitions) == (3, 2) and wall.ci_low <= 1 <= wall.ci_high, wall
+    assert [t.verdict for t in comp.tests] == ["unchanged-pass"], comp.tests     # the SMM boot passed every time

@@ -60,19 +60,13 @@ class TestComparison(StrictModel):
     detail: str = ""                        # e.g. "failed on patched 2 of 3 rounds"
 
 
-class MetricComparison(StrictModel):
-    """One metric of one workload on one host: patched/baseline with a bootstrap CI.
+class Estimate(StrictModel):
+    """The numbers of one metric's comparison (compare.stats.compare): ratio =
+    median(patched) / median(baseline), medians over every repetition of every round;
+    ci_low/ci_high: its 95% percentile interval from the hierarchical bootstrap; p_value:
+    paired Wilcoxon signed-rank over the per-round medians. Numbers are None when not
+    computed (n/a, not enough data, a zero baseline)."""
 
-    ratio = median(patched) / median(baseline), medians over every repetition of every
-    round; ci_low/ci_high: its 95% percentile interval from the hierarchical bootstrap;
-    p_value: paired Wilcoxon signed-rank over the per-round medians. Numbers are None
-    when not computed (n/a, not enough data, a zero baseline)."""
-
-    name: str                               # e.g. "wall_time", "kvm.exits"
-    workload: str                           # the WorkloadRecord name, e.g. "smm-boot"
-    unit: str
-    direction: Direction
-    host: str
     baseline_median: float | None = None
     patched_median: float | None = None
     ratio: float | None = None
@@ -83,8 +77,18 @@ class MetricComparison(StrictModel):
     repetitions: int = 0                    # values per round (the most any round had)
     baseline_n: int = 0                     # values that went in, all rounds
     patched_n: int = 0
-    verdict: MetricVerdict
+    verdict: MetricVerdict = "n/a"
     why: str = ""                           # n/a: why; otherwise what else a reader should know
+
+
+class MetricComparison(Estimate):
+    """One metric of one workload on one host: its Estimate, and what it is of."""
+
+    name: str                               # e.g. "wall_time", "kvm.exits"
+    workload: str                           # the WorkloadRecord name, e.g. "smm-boot"
+    unit: str
+    direction: Direction
+    host: str
     method: str = ""                        # e.g. "hierarchical bootstrap (rounds, then repetitions), 10000 resamples"
     seed: int | None = None
     threshold: float = 0.02                 # a fraction: 0.02 = 2%

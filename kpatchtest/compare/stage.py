@@ -77,9 +77,7 @@ def _compare_metric(host: str, workload: str, name: str, s: _Series, cfg: Compar
     why = est.why
     if info is None:
         why = "; ".join(x for x in ("a metric kpatchtest has no direction for", why) if x)
-    fields = {k: getattr(est, k) for k in ("baseline_median", "patched_median", "ratio", "ci_low", "ci_high",
-                                           "p_value", "rounds", "repetitions", "baseline_n", "patched_n", "verdict")}
-    return MetricComparison(**mc, **fields, why=why)
+    return MetricComparison(**mc, **est.model_dump(exclude={"why"}), why=why)
 
 
 def compare_branch(branch: BranchResult, spec: Spec) -> BranchComparison:

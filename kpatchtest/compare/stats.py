@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats as sps
 
-from kpatchtest.compare.model import Direction, MetricVerdict
+from kpatchtest.compare.model import Direction, Estimate
 
 MIN_ROUNDS = 3
 CI_LEVEL = 0.95
@@ -29,22 +28,6 @@ _CHUNK = 4_000_000      # values drawn per chunk of resamples: bounds memory for
 METHOD = ("ratio of medians patched/baseline; 95% percentile CI from a hierarchical bootstrap "
           "({n} resamples of the paired rounds, then of the repetitions within each resampled round; "
           "Kalibera & Jones 2013); p: paired Wilcoxon signed-rank over per-round medians")
-
-
-@dataclass
-class Estimate:
-    baseline_median: float | None = None
-    patched_median: float | None = None
-    ratio: float | None = None
-    ci_low: float | None = None
-    ci_high: float | None = None
-    p_value: float | None = None
-    rounds: int = 0
-    repetitions: int = 0
-    baseline_n: int = 0
-    patched_n: int = 0
-    verdict: MetricVerdict = "n/a"
-    why: str = ""
 
 
 def _pad(rounds: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kpatchtest.compare.model import Counts, NewSplat, Outcome, TestComparison, TestRound
+from kpatchtest.compare.model import (
+    Counts,
+    NewSplat,
+    Outcome,
+    TestComparison,
+    TestRound,
+)
 from kpatchtest.lab.splats import normalise
 from kpatchtest.results import BranchResult
 
