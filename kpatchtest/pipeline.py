@@ -11,10 +11,13 @@ dies on bad input before any unit finished leaves the previous results in --out 
 
 from __future__ import annotations
 
+import json
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import ValidationError
 
@@ -30,11 +33,14 @@ from kpatchtest.kernelrepo import KernelCache
 from kpatchtest.patchset import Series
 from kpatchtest.progress import Progress
 from kpatchtest.report import REPORT_FILES, write_all
-from kpatchtest.results import RunResult, SeriesInfo, SeriesPatchInfo
+from kpatchtest.rawtext import encode
+from kpatchtest.results import KernelSource, RunResult, SeriesInfo, SeriesPatchInfo
 from kpatchtest.rundir import CacheDir, RunDir
-from kpatchtest.spec import LoadedSpec
+from kpatchtest.spec import BranchSpec, LoadedSpec
 from kpatchtest.stage import RunContext, Stage
-from kpatchtest.util import user_path, utcnow, write_atomic
+from kpatchtest.tarball import is_tarball
+from kpatchtest.urls import is_url, scheme
+from kpatchtest.util import sha256_file, sha256_text, user_path, utcnow, write_atomic
 from kpatchtest.workloads.stage import WorkloadsStage
 
 STAGES = ("fetch", "apply", "build", "boot", "workloads", "compare")
@@ -59,6 +65,7 @@ class RunOptions:
     stages_explicit: bool = False      # --stages given: a stage the spec cannot run is an error
     jobs: int = 1                      # units of one stage at a time (branches; boots are per host)
     force: tuple[str, ...] = ()        # stages whose stored unit records are not reused
+    log_url_base: str | None = None    # public URL of --out, recorded for reports (KCIDB log URLs)
 
     def __post_init__(self) -> None:
         # git runs in the cache repo and b4 in a scratch cwd: never hand them a relative path
@@ -86,11 +93,36 @@ class Outcome:
 def series_info(series: Series) -> SeriesInfo:
     return SeriesInfo(
         title=series.title, title_note=series.title_note, sources=list(series.sources), version=series.version,
-        base_commit=series.base_commit, link=series.link,
+        base_commit=series.base_commit, link=series.link, msgid=series.msgids[0] if series.msgids else None,
         prerequisite_patch_ids=list(series.prerequisite_patch_ids),
+        # each patch's sha256 is of its part of series.mbox (Series.as_mbox): the bytes git am applied
         patches=[SeriesPatchInfo(index=p.index, subject=p.subject, msgid=p.msgid, author=p.author,
-                                 attestation=p.attestation, attestation_detail=p.attestation_detail)
+                                 attestation=p.attestation, attestation_detail=p.attestation_detail,
+                                 sha256=sha256_text(encode(p.as_mbox() + "\n")))
                  for p in series.patches])
+
+
+def kernel_source(repo: str | None, branch: BranchSpec) -> KernelSource:
+    """Where a branch's code came from, as a URL a report can show: never a credential
+    (an https token in the URL), and a tarball import says it is one, not a git repository."""
+    tarball = branch.tarball or (repo if repo and is_tarball(repo) else None)
+    where = tarball or repo
+    assert where, "KernelSpec requires kernel.repo for a branch without a tarball"
+    if not is_url(where):
+        url = Path(where).as_uri()      # the spec's paths are absolute by now
+    elif (parts := urlsplit(where)).password or (parts.username and scheme(where) in ("http", "https")):
+        url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    else:
+        url = where
+    return KernelSource(kind="tarball", url=url) if tarball else KernelSource(kind="git", url=url, ref=branch.git_ref)
+
+
+def _run_id(rundir: RunDir) -> str:
+    """The run directory's uuid: the record's there (a resumed run is the same run), else a new one."""
+    try:
+        return str(uuid.UUID(json.loads(rundir.results.read_text())["run_id"]))
+    except (OSError, ValueError, TypeError, KeyError):
+        return str(uuid.uuid4())
 
 
 class _Saver:
@@ -222,7 +254,9 @@ def run(loaded: LoadedSpec, opts: RunOptions, progress: Progress | None = None) 
                              hint=f"branches there: {', '.join(sorted(known))}")
         branches = [b for b in branches if b.name in opts.branches]
     _plan(loaded, opts)
-    result = RunResult(tool_version=__version__, name=spec.name, spec=str(loaded.path), started=utcnow())
+    result = RunResult(tool_version=__version__, name=spec.name, spec=str(loaded.path), started=utcnow(),
+                       spec_sha256=sha256_file(loaded.path) if loaded.path.is_file() else None,
+                       log_url_base=opts.log_url_base)
     shared = {"branches": branches}
     if "build" in opts.stages:
         shared["recipe"] = recipe_for(spec)        # bad fragments: exit 2 now, before anything slow
@@ -238,9 +272,10 @@ def run(loaded: LoadedSpec, opts: RunOptions, progress: Progress | None = None) 
             progress.log(f"note: {series.title_note}")
     result.series = series_info(series)
     for b in branches:                 # the record lists branches in the spec's order
-        result.branch(b.name)
+        result.branch(b.name).source = kernel_source(spec.kernel.repo, b)
 
     with RunDir(opts.out) as rundir:
+        result.run_id = _run_id(rundir)
         rundir.capture_library_logs()
         ctx = RunContext(loaded=loaded, opts=opts, rundir=rundir, cache=CacheDir(opts.cache_dir), result=result,
                          progress=progress, series=series, shared=shared)

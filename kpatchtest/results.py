@@ -12,6 +12,9 @@ docs/results-schema.md):
       the way git am -3 applies them; why, needs); conflict patches' depends_on.
   6 - branches[].compare (tests, metrics and new splats: baseline against patched per host,
       see kpatchtest/compare/model.py); workloads[].rerun.
+  7 - what a KCIDB report (report/kcidb.py) needs: run_id (made once per run directory,
+      kept by a resumed run), spec_sha256, log_url_base; series.msgid, patches[].sha256;
+      branches[].source (git repository or tarball, as a URL); build arch.
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ from kpatchtest.compare.model import BranchComparison
 from kpatchtest.util import StrictModel
 from kpatchtest.workloads.record import WorkloadRecord
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 # Later versions only added fields (and 5 narrowed applied-3way): older files read as runs without them.
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
 
 PatchStatus = Literal["applied", "applied-3way", "already-present", "conflict", "skipped"]
 ApplyMethod = Literal["offset", "3way", "fuzz", "rename"]
@@ -107,6 +110,7 @@ class BuildResult(StrictModel):
     artifacts: dict[str, str] = Field(default_factory=dict)   # name -> path relative to the run dir
     kernelrelease: str | None = None
     compiler: str | None = None
+    arch: str | None = None                 # the make ARCH=, e.g. x86_64 (v7)
 
 
 class PatchBuild(StrictModel):
@@ -175,8 +179,18 @@ class GateResult(StrictModel):
     actual: str
 
 
+class KernelSource(StrictModel):
+    """Where a branch's code came from, spelled as a URL others can read (v7)."""
+
+    kind: Literal["git", "tarball"]
+    url: str                        # git: the repository (a remote as given, without credentials;
+                                    # a local path as file://); tarball: the tarball as file://
+    ref: str | None = None          # git: the ref tested
+
+
 class BranchResult(StrictModel):
     name: str
+    source: KernelSource | None = None   # (v7)
     commit: str | None = None
     error: str | None = None        # the branch could not be processed (one line)
     apply: ApplyResult | None = None
@@ -193,6 +207,7 @@ class SeriesPatchInfo(StrictModel):
     author: str = ""
     attestation: str = "none"
     attestation_detail: str = ""
+    sha256: str | None = None       # (v7) of the patch's mail as applied: its part of series.mbox
 
 
 class SeriesInfo(StrictModel):
@@ -202,6 +217,7 @@ class SeriesInfo(StrictModel):
     version: int | None = None
     base_commit: str | None = None
     link: str | None = None
+    msgid: str | None = None        # (v7) the thread's first message-id: the cover letter, else patch 1
     prerequisite_patch_ids: list[str] = Field(default_factory=list)
     patches: list[SeriesPatchInfo] = Field(default_factory=list)
 
@@ -211,6 +227,9 @@ class RunResult(StrictModel):
     tool_version: str
     name: str
     spec: str | None = None
+    spec_sha256: str | None = None  # (v7) of the spec file's bytes; None: no file (the apply verb)
+    run_id: str | None = None       # (v7) a uuid made once per run directory, kept by a resumed run
+    log_url_base: str | None = None  # (v7) public URL of the run directory (--log-url-base)
     started: str
     finished: str | None = None
     stages: list[str] = Field(default_factory=list)

@@ -206,7 +206,7 @@ class Builder:
         Returns the result and every warning of the tree as built (for the delta)."""
         t0 = time.monotonic()
         tree = self.git.tree_of(commit)
-        res = BuildResult(status="fail", commit=commit, tree=tree, compiler=self.toolchain.cc_version)
+        res = BuildResult(status="fail", commit=commit, tree=tree, compiler=self.toolchain.cc_version, arch=ARCH)
         with locked(place.lock):
             try:
                 cfg = self._config(place, commit, tree)
