@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="branches applied and built at a time (make's -j is shared out among them; default 1)")
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="redo this stage's units even where their inputs did not change (repeatable)")
+    p.add_argument("--log-url-base", metavar="URL",
+                   help="public URL of the run directory: KCIDB log URLs are URL + the path in the run directory "
+                        "(without it, KCIDB output has no log URLs)")
     _common(p)
 
     p = sub.add_parser("fetch", help="fetch a spec's series with b4 into the cache",
@@ -58,8 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     _common(p)
 
-    p = sub.add_parser("validate", help="check a spec and exit", description="Validate a series spec.")
+    p = sub.add_parser("validate", help="check a spec and exit",
+                       description="Validate a series spec. The --list flags print one item a line, for CI "
+                                   "scripts (the Jenkinsfile) that fan a spec out.")
     p.add_argument("spec")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--list-branches", action="store_true", help="print the spec's branches, one a line")
+    what.add_argument("--list-stages", action="store_true",
+                      help="print the stages a run without --stages runs, one a line")
+    what.add_argument("--lab-name", action="store_true",
+                      help="print the name of the lab the boots use (nothing without lab:)")
 
     p = sub.add_parser("apply", help="backport table with no spec file",
                        description="Apply a series to branches of a repo and write the same reports as run.")
@@ -85,10 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("host", nargs="?")
     q.add_argument("--cache-dir", type=Path, default=None)
 
-    p = sub.add_parser("report", help="re-render reports from a results.json",
-                       description="Render junit.xml, summary.md and report.html from an existing results.json.")
-    p.add_argument("results", type=Path)
+    p = sub.add_parser("report", help="re-render reports from a results.json, or merge per-branch runs",
+                       description="Render junit.xml, summary.md and report.html from an existing results.json. "
+                                   "With --merge: one results.json and its reports from per-branch runs of one "
+                                   "spec (exit 1 when a gate of the merged record fails).")
+    p.add_argument("results", type=Path, nargs="+", help="results.json (several with --merge)")
+    p.add_argument("--merge", action="store_true",
+                   help="merge per-branch runs of one spec (kpatchtest run SPEC --branch B --out out/B) into --out")
     p.add_argument("--out", "-o", type=Path, default=None, help="where to write (default: beside results.json)")
+    p.add_argument("--kcidb", type=Path, metavar="FILE", help="also write the run as KCIDB v5 JSON (validated) to FILE")
+    p.add_argument("--kcidb-origin", default="kpatchtest", metavar="ORIGIN",
+                   help="KCIDB origin: the CI system's name, prefix of every id (default: kpatchtest)")
+    p.add_argument("--log-url-base", metavar="URL",
+                   help="with --kcidb: public URL of the run directory: KCIDB log URLs are URL + the path in the run directory "
+                        "(default: the one the run recorded; without any, no log URLs)")
     return ap
 
 
@@ -117,7 +138,8 @@ def cmd_run(args) -> int:
     opts = RunOptions(out=user_path(args.out or Path("out") / loaded.spec.name), cache_dir=_cache_dir(args),
                       stages=parse_stages(args.stages), branches=tuple(args.branch), offline=args.offline,
                       midmask=args.midmask, hints=not args.no_hints, stages_explicit=bool(args.stages),
-                      jobs=args.jobs, force=tuple(s for f in args.force for s in parse_stages(f, "--force")))
+                      jobs=args.jobs, force=tuple(s for f in args.force for s in parse_stages(f, "--force")),
+                      log_url_base=_log_url_base(args))
     return _run_outcome(run(loaded, opts, Progress(quiet=args.quiet)), args.quiet)
 
 
@@ -157,21 +179,77 @@ def cmd_validate(args) -> int:
     from kpatchtest.spec import load_spec
     loaded = load_spec(args.spec)
     s = loaded.spec
+    if args.list_branches:
+        print("\n".join(b.name for b in s.kernel.branches))
+        return EXIT_OK
+    if args.list_stages:
+        from kpatchtest.pipeline import RunOptions, _plan
+        opts = RunOptions(out=Path("."), cache_dir=Path("."))
+        _plan(loaded, opts)             # what `run` plans, its refusals included
+        print("\n".join(opts.stages))
+        return EXIT_OK
+    if args.lab_name:
+        if s.lab:
+            from kpatchtest.lab.ssh.lab import load_lab
+            print("local" if s.lab.name == "local" else load_lab(s.lab, loaded.base_dir).name)
+        return EXIT_OK
     print(f"{loaded.path}: ok ({s.name}: {len(s.sources)} source(s), "
           f"{len(s.kernel.branches)} branch(es): {', '.join(b.name for b in s.kernel.branches)})")
     return EXIT_OK
 
 
+def _log_url_base(args) -> str | None:
+    from kpatchtest.report.kcidb import check_log_url_base
+    return check_log_url_base(args.log_url_base) if args.log_url_base else None
+
+
+def _write_kcidb(args, result) -> list[Path]:
+    """report --kcidb: the run as validated KCIDB JSON; bad flags are exit 2 before anything is written."""
+    if not args.kcidb:
+        return []
+    from kpatchtest.report import kcidb
+    from kpatchtest.util import write_atomic
+    path = user_path(args.kcidb)
+    write_atomic(path, kcidb.dumps(kcidb.render(result, kcidb.check_origin(args.kcidb_origin), _log_url_base(args))))
+    return [path]
+
+
 def cmd_report(args) -> int:
     from kpatchtest.report import write_all
     from kpatchtest.results import load
-    results = user_path(args.results)
+    if args.merge:
+        return _merge_report(args)
+    if len(args.results) > 1:
+        raise InputError(f"report: {len(args.results)} results files given, without --merge it renders one",
+                         hint="give one results.json, or --merge them into --out")
+    results = user_path(args.results[0])
     result = load(results)
     out = user_path(args.out) if args.out else results.parent
+    kcidb_paths = _write_kcidb(args, result)
     # in place, results.json is the input: read only, never rewritten
     paths = write_all(result, out, run_dir=results.parent, with_results=out != results.parent)   # log excerpts live beside results.json
+    paths += kcidb_paths
     print("\n".join(str(p) for p in paths))
     return EXIT_OK
+
+
+def _merge_report(args) -> int:
+    from kpatchtest.errors import EXIT_GATE
+    from kpatchtest.report import write_all
+    from kpatchtest.report.merge import merge_files
+    if not args.out:
+        raise InputError("report --merge needs --out (the merged run directory)", hint="e.g. --out out/all")
+    out = user_path(args.out)
+    inputs = [user_path(p) for p in args.results]
+    merged, notes = merge_files(inputs, out)
+    for note in notes:
+        print(f"kpatchtest: note: {note}", file=sys.stderr)
+    mbox = inputs[0].parent / "series.mbox"     # one series (merge checked): the first run's mails
+    extra = {"series.mbox": mbox.read_bytes()} if mbox.is_file() else None
+    kcidb_paths = _write_kcidb(args, merged)
+    paths = write_all(merged, out, run_dir=out, extra=extra) + kcidb_paths   # paths in the record are rebased onto out
+    print("\n".join(str(p) for p in paths))
+    return EXIT_GATE if merged.gates_failed() else EXIT_OK
 
 
 def cmd_lab(args) -> int:
