@@ -18,7 +18,9 @@ from kpatchtest.cli import main
 from kpatchtest.errors import EXIT_INTERNAL
 from kpatchtest.pipeline import kernel_source
 from kpatchtest.report import kcidb
-from kpatchtest.results import BootResult, BranchBuild, BuildResult, SplatInfo, WorkloadRun, load, save
+from kpatchtest.results import (BootResult, BranchBuild, BuildResult, KernelSource, RunResult, SplatInfo,
+                                WorkloadRun, load, save)
+from kpatchtest.workloads.record import Metric, WorkloadRecord
 from kpatchtest.spec import BranchSpec
 from tests.kernelhist import build
 from tests.test_reports import _run
@@ -287,3 +289,25 @@ def test_run_refuses_a_log_url_base_that_is_no_url(real_run, tmp_path, capsys):
     assert _cli("run", str(spec), "--out", str(tmp_path / "o"), "--cache-dir", str(tmp / "cache"),
                 "--log-url-base", "ftp://x/y") == 2
     assert "--log-url-base 'ftp://x/y'" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_odd_records_still_give_valid_kcidb():
+    """What KCIDB's patterns refuse (NUL, dots and spaces in test names, a non-https
+    repository, a start time that is no date, a message-id without @, NaN) is cleaned or
+    moved to misc, and two records of one name on one boot keep distinct ids."""
+    rec = WorkloadRecord(name="odd name.v2 \u00e9", status="fail", detail="bad\0byte",
+                         metrics=[Metric(name="wall time", unit="s", values=[float("nan"), 2.0])])
+    r = RunResult(tool_version="x", name="odd", started="s", run_id=str(uuid.uuid4()))
+    b = r.branch("stable/6.1")
+    b.source = KernelSource(kind="git", url="git://git.example.org/linux.git", ref="stable/6.1")
+    b.build = BranchBuild(baseline=_build("stable/6.1", "baseline"), patched=_build("stable/6.1", "patched"))
+    b.workloads = [WorkloadRun(build="patched", host="10.0.0.7:2222", records=[rec, rec])]
+    r.series = None
+    data = kcidb.render(r)
+    assert V5_3.is_valid(data)
+    tests = data["tests"]
+    assert [t["path"] for t in tests] == ["odd_name_v2", "odd_name_v2.wall_time"] * 2
+    assert len({t["id"] for t in tests}) == 4 and tests[0]["comment"] == "badbyte"
+    assert tests[1]["number"]["value"] == 2.0 and tests[1]["misc"]["values"] == [None, 2.0]
+    co = data["checkouts"][0]
+    assert "start_time" not in co and co["misc"]["repository_url"] == "git://git.example.org/linux.git"

@@ -69,11 +69,16 @@ def check_origin(origin: str) -> str:
     return origin
 
 
+def _conforms(value: str, fmt: str) -> bool:
+    """Does `value` pass the schema's format check (the validator kcidb-io uses)?"""
+    return jsonschema.Draft7Validator.FORMAT_CHECKER.conforms(value, fmt)
+
+
 def check_log_url_base(url: str) -> str:
     """--log-url-base: an http(s) URL without query or fragment, since run-directory paths are appended to it."""
     parts = urlsplit(url) if is_web_url(url) else None
-    if not parts or not parts.netloc or parts.query or parts.fragment or any(c.isspace() for c in url):
-        raise InputError(f"--log-url-base {url!r}: not an http(s) URL a run directory's paths can be appended to",
+    if not parts or not parts.netloc or parts.query or parts.fragment or not _conforms(url, "uri"):
+        raise InputError(f"--log-url-base {url!r}: not an http(s) URL (ASCII, percent-encoded, no query) to append run-directory paths to",
                          hint="give the public URL of the run directory, e.g. https://ci.example.org/job/42/artifact/out/demo")
     return url.rstrip("/")
 
@@ -175,7 +180,7 @@ class _Renderer:
         misc: dict[str, Any] = {"build": kind}
         src = b.source
         if src and src.kind == "git":
-            if src.url.startswith("https://"):
+            if src.url.startswith("https://") and _conforms(src.url, "uri"):
                 c["git_repository_url"] = src.url
             else:
                 misc["repository_url"] = src.url     # KCIDB takes https:// repositories only
@@ -189,7 +194,8 @@ class _Renderer:
                 c["git_commit_hash"] = commit
             else:
                 misc["commit"] = commit               # a tarball's import commit exists only in our cache
-        c["start_time"] = self.r.started
+        if _conforms(self.r.started, "date-time"):
+            c["start_time"] = self.r.started
         if kind == "baseline":
             c["patchset_hash"] = ""
             c["comment"] = _clean(f"{b.name} without the series")
@@ -207,7 +213,7 @@ class _Renderer:
         if patches and all(p.sha256 for p in patches):
             c["patchset_hash"] = patchset_hash([p.sha256 for p in patches])  # type: ignore[misc]
         msgid = (series.msgid if series else None) or next((p.msgid for p in patches if p.msgid), None)
-        if msgid:
+        if msgid and _conforms(msgid, "email"):
             c["message_id"] = msgid
         if series:
             c["comment"] = _clean(series.title)
