@@ -1,7 +1,7 @@
 # Quick start (README): `make demo` and `make test` on a fresh Debian machine.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := git xz-utils public-inbox linux-source-6.1 linux-source-6.12 \
+APT_PACKAGES := git xz-utils public-inbox linux-source-6.1 linux-source-6.12 groovy \
 	build-essential flex bison bc libelf-dev libssl-dev cpio ccache \
 	qemu-system-x86 qemu-utils seabios busybox-static dropbear-bin kexec-tools \
 	openssh-client openssh-server openssh-sftp-server util-linux grub-pc-bin mtools
