@@ -121,8 +121,31 @@ class BuildSpec(StrictModel):
     make_vars: dict[Annotated[str, Field(pattern=_ENV_NAME)], str] = Field(default_factory=dict)
 
 
+_HTTP_URL = r"^https?://[^\s/]+(/\S*)?$"
+
+
+class LavaRef(StrictModel):
+    """A LAVA server the boots are submitted to (lab: {name: lava, lava: {...}}; docs/lava.md).
+
+    Credentials come from the environment (`token_env`, with `user`) or from a lavacli
+    identity (~/.config/lavacli.yaml), never from the spec. Artifacts reach the lab at
+    `artifact_url`: copied into `artifact_dir` when it is served by a server of its own,
+    else served by kpatchtest from the run directory while the run lasts."""
+
+    url: Annotated[str, Field(pattern=_HTTP_URL)]   # the server, e.g. http://127.0.0.1:8800 (XML-RPC: URL/RPC2)
+    user: str | None = None         # with token_env; default $LAVA_USER
+    token_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = "LAVA_TOKEN"
+    identity: str | None = None     # a lavacli identity instead of user + token_env
+    device_type: str = "qemu"
+    artifact_url: Annotated[str, Field(pattern=_HTTP_URL)]
+    artifact_dir: str | None = None
+    tcg: bool = True                # the device is QEMU under TCG on this machine: pin the guest's TSC rate
+    prompt: str = "root@kpatchtest-lab"     # the lab image's shell prompt on the console
+    timeout_minutes: int = Field(default=30, ge=1)   # the whole LAVA job
+
+
 class LabRef(StrictModel):
-    """Where kernels boot: the local QEMU lab (default) or an inventory in configs/labs/."""
+    """Where kernels boot: the local QEMU lab (default), a LAVA server, or an inventory in configs/labs/."""
 
     name: str = "local"             # "local", a configs/labs/<name>.yaml, or a path to one
     tags: list[str] = Field(default_factory=list)   # only hosts with all these tags (e.g. [amd])
@@ -130,6 +153,15 @@ class LabRef(StrictModel):
     memory_mb: int = Field(default=1024, ge=256)
     cpus: int = Field(default=2, ge=1)
     cmdline: str = ""               # appended to the kernel command line of test kernels
+    lava: LavaRef | None = None     # name: lava
+
+    @model_validator(mode="after")
+    def _lava_needs_server(self) -> "LabRef":
+        if self.name == "lava" and self.lava is None:
+            raise ValueError("lab: {name: lava} needs a lava: {url, artifact_url} section")
+        if self.lava is not None and self.name != "lava":
+            raise ValueError(f"lab.lava is only for name: lava, not {self.name!r}")
+        return self
 
 
 KUT_UPSTREAM = "https://gitlab.com/kvm-unit-tests/kvm-unit-tests.git"

@@ -3,8 +3,9 @@
 The boot stage never knows which lab it talks to: it asks `open_lab` for one,
 hands it BootJobs (a build of a branch, a host, a round, and the workloads to
 run on that boot) and records what comes back. The SSH lab (hardware over SSH)
-and the local lab (a QEMU VM made to look like a lab box) are the backends today;
-a lab that runs a whole job remotely (LAVA) implements the same `run`.
+and the local lab (a QEMU VM made to look like a lab box) drive a host command by
+command; the LAVA lab (lab/lava/) runs each BootJob as one whole job on a LAVA server
+and implements the same `run`.
 """
 
 from __future__ import annotations
@@ -78,9 +79,12 @@ class LabSetup:
 
 
 def open_lab(ref: "LabRef", base_dir: Path, setup: LabSetup) -> Lab:
-    """The backend a spec's `lab:` names: `local`, else an inventory of SSH hosts."""
+    """The backend a spec's `lab:` names: `local`, `lava` (a LAVA server), else an inventory of SSH hosts."""
     if ref.name == "local":
         from kpatchtest.lab.local.lab import LocalLab
         return LocalLab(ref, setup)
+    if ref.name == "lava":
+        from kpatchtest.lab.lava.lab import LavaLab
+        return LavaLab(ref, setup)
     from kpatchtest.lab.ssh.lab import SshLab, load_lab
     return SshLab(load_lab(ref, base_dir).hosts, setup)

@@ -76,7 +76,7 @@ chown -R lavaserver:lavaserver /var/log/lava-server /var/lib/lava-server/default
 start gunicorn gunicorn3 lava_server.wsgi --bind "127.0.0.1:$PORT" -u lavaserver -g lavaserver \
     --worker-class eventlet --workers 2 --timeout 120 --log-level INFO
 start scheduler runuser -u lavaserver -- lava-server manage lava-scheduler --level INFO \
-    --log-file "$STATE/log/scheduler-app.log"
+    --log-file /var/log/lava-server/lava-scheduler.log
 i=0
 until python3 -c "import urllib.request,sys; urllib.request.urlopen('$URL/api/v0.2/system/version/', timeout=5)" 2>/dev/null; do
     i=$((i + 1))
