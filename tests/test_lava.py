@@ -249,13 +249,18 @@ def test_record_shape_equals_the_ssh_labs(lava_lab, tmp_path):
     assert set(rec.workloads.model_dump()) == set(WorkloadRun(build="baseline", host="h").model_dump())
 
 
-def test_infrastructure_error_is_a_boot_failure_not_a_workload_fail(lava_lab):
-    """Job 1 (real): the dispatcher failed appending an overlay; no boot, LAVA's reason kept."""
-    fake, lab, job, run_dir = lava_lab("[]", (DATA / "job1-results.yaml").read_text(), health="Incomplete")
+@pytest.mark.parametrize("results, reason", [
+    # job 1 (real): the dispatcher failed appending a `format: file` overlay to the ramdisk
+    ("job1-results.yaml", "LAVA Bug error: [Errno 2] No such file or directory"),
+    # job 3 (real): the kernel's URL answered 404 when LAVA validated the job
+    ("job3-results.yaml", "LAVA Job error: Invalid job data: [\"Resource unavailable at"),
+])
+def test_lava_error_is_a_boot_failure_not_a_workload_fail(lava_lab, results, reason):
+    fake, lab, job, run_dir = lava_lab("[]", (DATA / results).read_text(), health="Incomplete")
     with lab:
         rec = lab.run(job)
     assert rec.boot.status == "boot-failed" and rec.workloads is None
-    assert rec.boot.reason.startswith("LAVA Bug error: [Errno 2] No such file or directory")
+    assert rec.boot.reason.startswith(reason)
 
 
 def test_job_failing_after_the_boot_leaves_workload_errors(lava_lab):

@@ -132,6 +132,10 @@ until manage workers details "$WORKER" | grep "^state *: Online" >/dev/null; do
     sleep 0.5
 done
 step worker
+sleep 2
+for n in gunicorn scheduler worker artifacts; do
+    if ! running "$n"; then echo "bringup: $n exited (see $STATE/log/$n.log)" >&2; exit 1; fi
+done
 
 summary="LAVA_URL=$URL LAVA_USER=$ADMIN LAVA_TOKEN=$(cat "$STATE/token") LAVA_DEVICE_TYPE=qemu \
 LAVA_ARTIFACT_URL=http://127.0.0.1:$APORT LAVA_ARTIFACT_DIR=$STATE/artifacts"
