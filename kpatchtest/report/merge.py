@@ -4,34 +4,34 @@ A CI matrix (the Jenkinsfile) runs `kpatchtest run SPEC --branch B --out out/B` 
 branch on separate agents; the merge gives the record one run of all branches would have
 written, so the reports, the gates and the exit code speak for the whole series.
 
-`merge` is pure (parts in, RunResult out); `merge_files` does the reading around it.
+`merge` is pure (parts in, RunResult out); `merge_files` does the reading around it and
+gathers the logs and kernels the records name into the merged directory, at the paths they
+have (RunDir spells them per branch: boot/<branch>/..., so they never collide).
 """
 
 from __future__ import annotations
 
 import os
-import posixpath
+import shutil
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Sequence
 from urllib.parse import urljoin
 
 from kpatchtest.errors import InputError
 from kpatchtest.results import BranchResult, RunResult, SeriesInfo, load
 from kpatchtest.spec import LoadedSpec
+from kpatchtest.util import output_error
 
 
 @dataclass(frozen=True)
 class Part:
-    """One per-branch run: its record, where it came from (for refusals) and its run
-    directory relative to the merged one (`../debian-6.1`), which its log and artifact
-    paths (relative to their own run directory) are rebased onto."""
+    """One per-branch run: its record and where it came from (named in refusals)."""
 
     source: str
     result: RunResult
-    base: str = "."
 
 
 def _series_key(s: SeriesInfo | None) -> tuple | None:
@@ -72,24 +72,12 @@ def _difference(a: RunResult, b: RunResult) -> str | None:
     return _series_difference(a.series, b.series)
 
 
-def _rebase(b: BranchResult, base: str) -> BranchResult:
-    """The branch record with its run-dir-relative paths made relative to the merged run dir."""
-    if base in ("", "."):
-        return b
-
-    def moved(p: str | None) -> str | None:
-        return p if p is None or posixpath.isabs(p) else posixpath.normpath(posixpath.join(base, p))
-
-    b = b.model_copy(deep=True)
-    if b.build:
-        for r in (b.build.baseline, b.build.patched):
-            r.artifacts = {name: moved(p) for name, p in r.artifacts.items()}
-    for r in b.boot:
-        r.console_log, r.dmesg = moved(r.console_log), moved(r.dmesg)
-    for w in b.workloads:
-        for rec in w.records:
-            rec.logs = [moved(p) for p in rec.logs]
-    return b
+def named_files(b: BranchResult) -> list[str]:
+    """The files a branch's record names, relative to its run directory (logs, kernels)."""
+    paths = [p for r in ((b.build.baseline, b.build.patched) if b.build else ()) for p in r.artifacts.values()]
+    paths += [p for r in b.boot for p in (r.console_log, r.dmesg) if p]
+    paths += [p for w in b.workloads for rec in w.records for p in rec.logs]
+    return list(dict.fromkeys(paths))
 
 
 def _when(stamp: str) -> datetime:
@@ -128,7 +116,7 @@ def merge(parts: Sequence[Part], loaded: LoadedSpec | None = None) -> RunResult:
         "started": min((p.result.started for p in parts), key=_when),
         "finished": None if None in finished else max(finished, key=_when),
         "stages": [s for s in STAGES if s in stages] + sorted(stages - set(STAGES)),
-        "branches": [_rebase(next(b for b in owner[n].result.branches if b.name == n), owner[n].base) for n in names],
+        "branches": [next(b for b in owner[n].result.branches if b.name == n).model_copy(deep=True) for n in names],
         "gates": []})
     if "run_id" in RunResult.model_fields:    # the merge is a run of its own: one id, the same for the same parts
         ids = sorted(str(getattr(p.result, "run_id", None)) for p in parts)
@@ -155,8 +143,34 @@ def _merged_url(parts: Sequence[Part], paths: Sequence[Path], out: Path, notes: 
     return None
 
 
+def _gather(merged: RunResult, parts: Sequence[Part], paths: Sequence[Path], out: Path, notes: list[str]) -> None:
+    """Hard-link (else copy) each branch's named files from its run directory into `out`."""
+    run_dir = {b.name: path.parent for part, path in zip(parts, paths) for b in part.result.branches}
+    missing: dict[Path, int] = {}
+    for b in merged.branches:
+        for rel in named_files(b):
+            if PurePosixPath(rel).is_absolute() or ".." in PurePosixPath(rel).parts:
+                continue                    # not inside the run directory: nothing to gather
+            src, dst = run_dir[b.name] / rel, out / rel
+            if not src.is_file():
+                missing[run_dir[b.name]] = missing.get(run_dir[b.name], 0) + 1
+                continue
+            try:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.unlink(missing_ok=True)
+                try:
+                    os.link(src, dst)
+                except OSError:             # another filesystem, or no hard links there
+                    shutil.copy2(src, dst)
+            except OSError as e:
+                raise (output_error(dst, e) or e) from None
+    notes += [f"{d}: {n} file(s) its record names are not there (not stashed?)" for d, n in missing.items()]
+
+
 def merge_files(paths: Sequence[Path], out: Path) -> tuple[RunResult, list[str]]:
-    """Read the parts (their paths rebased onto `out`) and the spec their records name, merge.
+    """Read the parts and the spec their records name, merge, and gather into `out` the files
+    the records name (RunDir's paths are per branch, so the merged directory has the layout
+    one run of all branches would have, and can be published alone).
     Returns the merged record and notes for stderr (a run not finished, the spec unreadable)."""
     from kpatchtest.spec import load_spec
     from kpatchtest.util import sha256_file
@@ -167,7 +181,7 @@ def merge_files(paths: Sequence[Path], out: Path) -> tuple[RunResult, list[str]]
         if path.parent.resolve() == out.resolve():
             raise InputError(f"--out {out}: is the run directory of {path}, the merge would overwrite it",
                              hint="write the merge elsewhere, e.g. --out out/all")
-        parts.append(Part(source=str(path), result=load(path), base=Path(os.path.relpath(path.parent, out)).as_posix()))
+        parts.append(Part(source=str(path), result=load(path)))
     loaded = None
     spec_path = parts[0].result.spec if parts else None
     if spec_path:
@@ -182,6 +196,7 @@ def merge_files(paths: Sequence[Path], out: Path) -> tuple[RunResult, list[str]]
                              "gates as each run judged them")
                 loaded = None
     merged = merge(parts, loaded)
+    _gather(merged, parts, paths, out, notes)
     if "log_url_base" in RunResult.model_fields:
         merged.log_url_base = _merged_url(parts, paths, out, notes)
     if len({tuple(p.result.stages) for p in parts}) > 1:
