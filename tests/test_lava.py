@@ -372,3 +372,15 @@ def _dry_run_record(tmp_path: Path):
     spec = SmmBootSpec(reads=200, timeout_s=180)
     img = image_for(spec, tmp_path / "img")
     return run_smm_boot(S._Recorder(), spec, img, 1, tmp_path / "dry", tmp_path / "dry")[0]
+
+
+def test_bundle_is_reproducible(tmp_path):
+    """The same files give the same bytes (the artifact's URL content does not churn)."""
+    import time
+
+    from kpatchtest.lab.lava.lab import bundle
+    (tmp_path / "img").write_bytes(b"\x55\xaa")
+    first = bundle({"workload.sh": b"echo\n", "img": tmp_path / "img"})
+    time.sleep(1.1)
+    assert bundle({"img": tmp_path / "img", "workload.sh": b"echo\n"}) == first
+    assert bundle({"workload.sh": b"echo 2\n", "img": tmp_path / "img"}) != first

@@ -11,6 +11,7 @@ or any exception while the job is queued or running cancels it on the server.
 from __future__ import annotations
 
 import functools
+import gzip
 import io
 import os
 import shutil
@@ -83,7 +84,7 @@ def _place(src: Path, dst: Path) -> None:
 def bundle(files: dict[str, bytes | Path]) -> bytes:
     """A reproducible tar.gz of DEVICE_FILES: name (under it) -> content or a local file."""
     raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w:gz", compresslevel=6) as t:
+    with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as t:
         for name in sorted(files):
             src = files[name]
             data = src.read_bytes() if isinstance(src, Path) else src
