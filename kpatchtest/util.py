@@ -49,9 +49,12 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def output_error(path: Path, e: OSError) -> InputError | None:
     """The one-line error for an OSError caused by where the user asked us to write."""
-    if e.errno not in _ENVIRONMENT_ERRNOS:
+    # mkdir(exist_ok=True) says EEXIST when a parent on the way is a file, not a directory
+    blocked = next((q for q in path.parents if q.exists() and not q.is_dir()), None) if e.errno == errno.EEXIST else None
+    if e.errno not in _ENVIRONMENT_ERRNOS and blocked is None:
         return None
-    return InputError(f"cannot write {path}: {e.strerror}",
+    why = f"{blocked} is a file, not a directory" if blocked is not None else e.strerror
+    return InputError(f"cannot write {path}: {why}",
                       hint="free some space or choose a writable place (--out, --cache-dir); "
                            "what was there before is intact")
 

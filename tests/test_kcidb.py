@@ -269,6 +269,7 @@ def test_log_urls_only_under_a_public_base(full, tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (("--kcidb", "{file}/sub/kcidb.json"), "cannot write {file}/sub/kcidb.json: Not a directory"),
+    (("--kcidb", "{file}/kcidb.json"), "cannot write {file}/kcidb.json: {file} is a file, not a directory"),
     (("--kcidb", "{tmp}/k.json", "--kcidb-origin", "Bad Origin"), "--kcidb-origin 'Bad Origin'"),
     (("--kcidb", "{tmp}/k.json", "--log-url-base", "/srv/www/out"), "--log-url-base '/srv/www/out'"),
 ])
