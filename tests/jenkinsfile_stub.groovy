@@ -219,9 +219,14 @@ abstract class PipelineStub extends Script {
     }
 
     List<String> matching(String base, String includes, String excludes) {
-        def fs = FileSystems.default
-        List inc = includes.split(',').collect { fs.getPathMatcher("glob:${it.trim()}") }
-        List exc = (excludes ?: '').split(',').findAll { it.trim() }.collect { fs.getPathMatcher("glob:${it.trim()}") }
+        // Ant patterns: `**/` also matches no directory at all (java's glob needs one)
+        Closure matchers = { String patterns ->
+            (patterns ?: '').split(',')*.trim().findAll { it }.collectMany { String g ->
+                (g.startsWith('**/') ? [g, g.substring(3)] : [g]).collect { FileSystems.default.getPathMatcher("glob:${it}") }
+            }
+        }
+        List inc = matchers(includes)
+        List exc = matchers(excludes)
         Path top = Paths.get(base)
         List<String> found = []
         if (!Files.isDirectory(top)) { return found }
