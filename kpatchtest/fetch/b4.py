@@ -21,6 +21,7 @@ from pathlib import Path
 
 from kpatchtest import urls
 from kpatchtest.errors import FetchError
+from kpatchtest.rawtext import display
 
 ATTESTATION_POLICIES = ("off", "softfail", "hardfail")
 B4_TIMEOUT = 300            # seconds for one b4 run (liblore has its own HTTP timeouts)
@@ -174,6 +175,7 @@ def check_result(rc: int, log: str, outdir: Path, what: str) -> None:
     b4 exits 0 on "No patches found" and on a missing revision: never trust the exit
     code alone, look at what it wrote.
     """
+    log = display(log)      # undecodable bytes as U+FFFD: whatever we quote from it can be printed
     maildir = outdir / f"{NAME}.maildir"
     wrote = (maildir / "new").is_dir() and any((maildir / "new").iterdir())
     complaint = b4_error(log) or ""
