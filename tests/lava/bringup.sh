@@ -26,6 +26,10 @@ WORKER=kpt-worker
 ADMIN=kpatchtest
 URL="http://127.0.0.1:$PORT"
 mkdir -p "$STATE/log" "$STATE/run" "$STATE/artifacts"
+# One bring-up at a time: CI starts one beside the tests, and the opt-in test runs it again
+# (then only to wait for the first and read its summary).
+exec 9>"$STATE/bringup.lock"
+flock 9
 
 now() { cut -d' ' -f1 /proc/uptime; }
 T=$(now)
