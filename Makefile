@@ -17,6 +17,8 @@ system:
 	  echo "installing: $$missing"; \
 	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
 	fi
+	@# the Jenkinsfile's linter (tests/test_jenkinsfile.py); runs on the system's Java, no download at run time
+	@command -v npm-groovy-lint >/dev/null || $(SUDO) npm install -g -q npm-groovy-lint@16.2.0
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)

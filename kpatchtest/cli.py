@@ -183,9 +183,9 @@ def cmd_validate(args) -> int:
         print("\n".join(b.name for b in s.kernel.branches))
         return EXIT_OK
     if args.list_stages:
-        from kpatchtest.pipeline import RunOptions, _plan
+        from kpatchtest.pipeline import RunOptions, plan
         opts = RunOptions(out=Path("."), cache_dir=Path("."))
-        _plan(loaded, opts)             # what `run` plans, its refusals included
+        plan(loaded, opts)              # what `run` plans, its refusals included
         print("\n".join(opts.stages))
         return EXIT_OK
     if args.lab_name:

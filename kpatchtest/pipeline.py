@@ -216,7 +216,7 @@ def _confirm_regressions(ctx: RunContext, saver: _Saver) -> None:
         run_stage(CompareStage(ctx), ctx, saver)
 
 
-def _plan(loaded: LoadedSpec, opts: RunOptions) -> None:
+def plan(loaded: LoadedSpec, opts: RunOptions) -> None:
     """Leave out the stages the spec has no section for (an error if asked for by --stages)."""
     spec = loaded.spec
     for stage, (section, example) in NEEDS.items():
@@ -253,7 +253,7 @@ def run(loaded: LoadedSpec, opts: RunOptions, progress: Progress | None = None) 
             raise InputError(f"--branch {unknown[0]}: not a branch of {loaded.path}",
                              hint=f"branches there: {', '.join(sorted(known))}")
         branches = [b for b in branches if b.name in opts.branches]
-    _plan(loaded, opts)
+    plan(loaded, opts)
     result = RunResult(tool_version=__version__, name=spec.name, spec=str(loaded.path), started=utcnow(),
                        spec_sha256=sha256_file(loaded.path) if loaded.path.is_file() else None,
                        log_url_base=opts.log_url_base)
