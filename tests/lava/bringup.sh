@@ -57,17 +57,26 @@ if [ "${1:-}" = stop ]; then
 fi
 
 # 1. packages (never part of `make deps`: LAVA is an opt-in test)
+# PostgreSQL first, and running: lava-server's postinst creates its database in it (with no
+# systemd here, a fresh machine's postinst may not have started the cluster)
+pg_up() {
+    if ! pg_lsclusters -h | awk '{print $4}' | grep -q online; then
+        pg_ctlcluster "$(pg_lsclusters -h | awk 'NR == 1 {print $1}')" main start
+    fi
+}
+if ! dpkg-query -W -f='${Status}\n' postgresql 2>/dev/null | grep -q 'install ok installed'; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql >"$STATE/log/apt-pg.log" 2>&1
+fi
+pg_up
 if [ "$(dpkg-query -W -f='${Status}\n' lava-server lava-dispatcher 2>/dev/null | grep -c 'install ok installed')" != 2 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-        lava-server lava-dispatcher postgresql >"$STATE/log/apt.log" 2>&1
+        lava-server lava-dispatcher >"$STATE/log/apt.log" 2>&1
 fi
 step apt
 
 # 2. PostgreSQL and the database (lava-server's postinst creates it when PostgreSQL runs
 # during the install; run it again if it did not), then the schema
-if ! pg_lsclusters -h | awk '{print $4}' | grep -q online; then
-    pg_ctlcluster 15 main start
-fi
+pg_up
 if ! su postgres -c "psql -lqt" | cut -d'|' -f1 | grep -w lavaserver >/dev/null; then
     python3 /usr/share/lava-server/postinst.py >"$STATE/log/postinst.log" 2>&1
 fi
