@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 import secrets
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -85,6 +86,21 @@ def write_atomic(path: Path, data: str | bytes) -> None:
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """dst as a hard link to src (a copy where links cannot be made: another file system),
+    put in place by a rename, so a reader sees the old file or the new one."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def slug(name: str) -> str:

@@ -27,7 +27,7 @@ from kpatchtest.build.toolchain import Toolchain
 from kpatchtest.gitutil import Git
 from kpatchtest.locks import exclusive as locked
 from kpatchtest.results import ApplyResult, BranchBuild, BuildResult, PatchBuild
-from kpatchtest.util import sha256_text, write_atomic
+from kpatchtest.util import link_or_copy, sha256_text, write_atomic
 from kpatchtest.rundir import CacheDir, RunDir
 
 # Fixed build identity strings: the same inputs give the same kernel.
@@ -298,12 +298,7 @@ class Builder:
             src, dst = store / fname, dest / fname
             if not src.exists():
                 continue
-            if dst.exists():
-                dst.unlink()
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)
+            link_or_copy(src, dst)
             out[name] = f"{rel_dir}/{fname}"
         (dest / "meta.json").write_text(json.dumps(meta, indent=1))
         out["metadata"] = f"{rel_dir}/meta.json"

@@ -12,7 +12,6 @@ have (RunDir spells them per branch: boot/<branch>/..., so they never collide).
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,7 +22,7 @@ from urllib.parse import urljoin
 from kpatchtest.errors import InputError
 from kpatchtest.results import BranchResult, RunResult, SeriesInfo, load
 from kpatchtest.spec import LoadedSpec
-from kpatchtest.util import output_error
+from kpatchtest.util import link_or_copy, output_error
 
 
 @dataclass(frozen=True)
@@ -61,9 +60,8 @@ def _difference(a: RunResult, b: RunResult) -> str | None:
         ("results schema", a.schema_version, b.schema_version),
         ("kpatchtest", a.tool_version, b.tool_version),
         ("spec name", a.name, b.name)]
-    sha_a, sha_b = getattr(a, "spec_sha256", None), getattr(b, "spec_sha256", None)
-    if sha_a and sha_b:
-        checks.append(("spec sha256", sha_a[:12], sha_b[:12]))
+    if a.spec_sha256 and b.spec_sha256:
+        checks.append(("spec sha256", a.spec_sha256[:12], b.spec_sha256[:12]))
     else:   # older records: the spec's file name (agents' workspaces differ in the directories)
         checks.append(("spec file", Path(a.spec or "").name, Path(b.spec or "").name))
     for what, x, y in checks:
@@ -118,9 +116,9 @@ def merge(parts: Sequence[Part], loaded: LoadedSpec | None = None) -> RunResult:
         "stages": [s for s in STAGES if s in stages] + sorted(stages - set(STAGES)),
         "branches": [next(b for b in owner[n].result.branches if b.name == n).model_copy(deep=True) for n in names],
         "gates": []})
-    if "run_id" in RunResult.model_fields:    # the merge is a run of its own: one id, the same for the same parts
-        ids = sorted(str(getattr(p.result, "run_id", None)) for p in parts)
-        merged.run_id = str(uuid.uuid5(uuid.NAMESPACE_URL, "kpatchtest-merge:" + ",".join(ids)))
+    # the merge is a run of its own: one id, the same for the same parts
+    ids = sorted(str(p.result.run_id) for p in parts)
+    merged.run_id = str(uuid.uuid5(uuid.NAMESPACE_URL, "kpatchtest-merge:" + ",".join(ids)))
     if loaded:
         evaluate_gates(loaded, merged)
     else:
@@ -131,7 +129,7 @@ def merge(parts: Sequence[Part], loaded: LoadedSpec | None = None) -> RunResult:
 def _merged_url(parts: Sequence[Part], paths: Sequence[Path], out: Path, notes: list[str]) -> str | None:
     """The merged run directory's public URL, where the parts' URLs (--log-url-base) all
     point at it through the same layout as on disk (archiveArtifacts keeps it); else None."""
-    bases = [getattr(p.result, "log_url_base", None) for p in parts]
+    bases = [p.result.log_url_base for p in parts]
     if not any(bases):
         return None
     urls = {urljoin(b.rstrip("/") + "/", Path(os.path.relpath(out, path.parent)).as_posix() + "/") if b else None
@@ -156,12 +154,7 @@ def _gather(merged: RunResult, parts: Sequence[Part], paths: Sequence[Path], out
                 missing[run_dir[b.name]] = missing.get(run_dir[b.name], 0) + 1
                 continue
             try:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                dst.unlink(missing_ok=True)
-                try:
-                    os.link(src, dst)
-                except OSError:             # another filesystem, or no hard links there
-                    shutil.copy2(src, dst)
+                link_or_copy(src, dst)
             except OSError as e:
                 raise (output_error(dst, e) or e) from None
     notes += [f"{d}: {n} file(s) its record names are not there (not stashed?)" for d, n in missing.items()]
@@ -190,15 +183,14 @@ def merge_files(paths: Sequence[Path], out: Path) -> tuple[RunResult, list[str]]
         except InputError as e:
             notes.append(f"spec not readable ({e}): branches in the order given, gates as each run judged them")
         else:
-            want = getattr(parts[0].result, "spec_sha256", None)
+            want = parts[0].result.spec_sha256
             if want and sha256_file(loaded.path) != want:
                 notes.append(f"{spec_path} changed since the runs: branches in the order given, "
                              "gates as each run judged them")
                 loaded = None
     merged = merge(parts, loaded)
     _gather(merged, parts, paths, out, notes)
-    if "log_url_base" in RunResult.model_fields:
-        merged.log_url_base = _merged_url(parts, paths, out, notes)
+    merged.log_url_base = _merged_url(parts, paths, out, notes)
     if len({tuple(p.result.stages) for p in parts}) > 1:
         notes.append("the runs ran different stages (" + "; ".join(f"{p.source}: {','.join(p.result.stages)}" for p in parts)
                      + "): the merge judges every branch on all of them")

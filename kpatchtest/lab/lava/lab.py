@@ -13,8 +13,6 @@ from __future__ import annotations
 import functools
 import gzip
 import io
-import os
-import shutil
 import tarfile
 import tempfile
 import threading
@@ -33,7 +31,7 @@ from kpatchtest.lab.local.qemu import DEFAULT_CMDLINE, tcg_cmdline
 from kpatchtest.lab.ssh.inventory import HostSpec
 from kpatchtest.results import BootResult, WorkloadRun
 from kpatchtest.spec import LabRef
-from kpatchtest.util import write_atomic
+from kpatchtest.util import link_or_copy, write_atomic
 from kpatchtest.workloads import script as S
 from kpatchtest.workloads.record import WorkloadRecord
 from kpatchtest.workloads.smm_boot import NAME as SMM_NAME
@@ -67,18 +65,6 @@ class ArtifactServer:
 class _QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 - the base class's name
         pass
-
-
-def _place(src: Path, dst: Path) -> None:
-    """dst as a hard link to src (a copy across file systems); replaced if there."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def bundle(files: dict[str, bytes | Path]) -> bytes:
@@ -161,11 +147,11 @@ class LavaLab(Lab):
         rel = Path(self.setup.run_name) / job.boot_dir
         where = self._root / rel
         k = job.kernel
-        _place(Path(k.bzimage), where / "bzImage")
-        _place(self.image.initramfs, where / "initramfs.cpio.gz")
+        link_or_copy(Path(k.bzimage), where / "bzImage")
+        link_or_copy(self.image.initramfs, where / "initramfs.cpio.gz")
         files = D.JobFiles(kernel="bzImage", ramdisk="initramfs.cpio.gz")
         if k.modules and Path(k.modules).exists():
-            _place(Path(k.modules), where / "modules.tar.gz")
+            link_or_copy(Path(k.modules), where / "modules.tar.gz")
             files.modules = "modules.tar.gz"
         if ops:
             assert smm is not None
