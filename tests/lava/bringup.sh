@@ -27,9 +27,20 @@ ADMIN=kpatchtest
 URL="http://127.0.0.1:$PORT"
 mkdir -p "$STATE/log" "$STATE/run" "$STATE/artifacts"
 # One bring-up at a time: CI starts one beside the tests, and the opt-in test runs it again
-# (then only to wait for the first and read its summary).
-exec 9>"$STATE/bringup.lock"
-flock 9
+# (then only to wait for the first and read its summary). A directory, not flock: every
+# daemon started below (PostgreSQL by apt or pg_ctlcluster, gunicorn, the worker) would
+# inherit a lock file descriptor and hold the lock for ever.
+LOCK="$STATE/bringup.lockdir"
+i=0
+until mkdir "$LOCK" 2>/dev/null; do
+    holder=$(cat "$LOCK/pid" 2>/dev/null || true)
+    if [ -n "$holder" ] && ! kill -0 "$holder" 2>/dev/null; then rm -rf "$LOCK"; continue; fi
+    i=$((i + 1))
+    if [ $i -gt 1500 ]; then echo "bringup: another bring-up ($holder) holds $LOCK" >&2; exit 1; fi
+    sleep 1
+done
+echo $$ >"$LOCK/pid"
+trap 'rm -rf "$LOCK"' EXIT
 
 now() { cut -d' ' -f1 /proc/uptime; }
 T=$(now)
