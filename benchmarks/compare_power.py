@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/compare_power.py [--rounds 10] [--repetitions 5] [--spread-mb 0]
                                                  [--artifact DIR] [--from-json aa.json]
 
-An A/A run: each round boots the same (baseline) kernel twice, "baseline" then "patched",
-each boot running the SMM boot `repetitions` times, exactly as the workloads stage does
+An A/A run: each round boots the same (baseline) kernel twice, as "baseline" and as
+"patched" in the order the workloads stage would (--order, default random), each boot running the SMM boot `repetitions` times, exactly as the workloads stage does
 (kexec from the known-good kernel, the power cycle back). Then:
 
 - A/A: the compare stage's own comparison (compare.stage.compare_branch, the default
@@ -37,30 +37,31 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.boot_local_lab import latest_artifact  # noqa: E402
 from kpatchtest.compare import stats  # noqa: E402
-from kpatchtest.compare.stage import compare_branch  # noqa: E402
+from kpatchtest.compare.stage import compare_branch, round_orders  # noqa: E402
 from kpatchtest.kernelrepo import default_cache_dir  # noqa: E402
 from kpatchtest.lab.local.lab import local_lab  # noqa: E402
 from kpatchtest.lab.ssh.boot import Booter, KernelToBoot  # noqa: E402
 from kpatchtest.lab.ssh.connection import HostConnection  # noqa: E402
 from kpatchtest.results import BranchResult, WorkloadRun  # noqa: E402
-from kpatchtest.spec import CompareSpec, SmmBootSpec  # noqa: E402
+from kpatchtest.spec import CompareSpec, SmmBootSpec, WorkloadsSpec  # noqa: E402
 from kpatchtest.workloads.smm_boot import image_for, run_smm_boot  # noqa: E402
 
 BUILDS = ("baseline", "patched")
 
 
 def measure(bz: Path, release: str, cache_dir: Path, rounds: int, repetitions: int,
-            spec: SmmBootSpec, boot: str = "kexec", save: Path | None = None) -> list[WorkloadRun]:
+            spec: SmmBootSpec, boot: str = "kexec", save: Path | None = None, order: str = "random") -> list[WorkloadRun]:
     """`rounds` x 2 boots of one kernel on a local lab of its own (see measure_on)."""
     work = Path(tempfile.mkdtemp(prefix="kpt-aa-"))
     with local_lab(bz, cache_dir, work / "lab", nested=True) as host:
-        return measure_on(host, bz, release, rounds, repetitions, spec, work, boot, save)
+        return measure_on(host, bz, release, rounds, repetitions, spec, work, boot, save, order)
 
 
 def measure_on(host, bz: Path, release: str, rounds: int, repetitions: int, spec: SmmBootSpec,
-               work: Path, boot: str = "kexec", save: Path | None = None) -> list[WorkloadRun]:
+               work: Path, boot: str = "kexec", save: Path | None = None, order: str = "random") -> list[WorkloadRun]:
     """`rounds` x 2 boots of one kernel on `host` (a lab host on its known-good kernel),
-    the SMM boot on each, "baseline" then "patched" in every round.
+    the SMM boot on each, "baseline" and "patched" in each round in the order the workloads
+    stage would boot them (compare.stage.round_orders, `order` as workloads.order).
 
     boot "kexec": as the workloads stage does (deploy, kexec, power cycle back); "reset":
     the kernel is the lab's known-good one and each boot is one power cycle into it (half
@@ -70,8 +71,9 @@ def measure_on(host, bz: Path, release: str, rounds: int, repetitions: int, spec
     runs: list[WorkloadRun] = []
     t_all = time.monotonic()
     booter = Booter(host, work)
-    for r in range(1, rounds + 1):
-        for build in BUILDS:
+    orders = round_orders(WorkloadsSpec(rounds=rounds, order=order, smm_boot=spec))
+    for r, pair in enumerate(orders, 1):
+        for build in pair:
             t = time.monotonic()
             rel = f"{build}-r{r}"
             if boot == "kexec":
@@ -165,6 +167,24 @@ def check_scaling(walls: dict[str, list[list[float]]], idx: np.ndarray, d: float
     assert est.ci_low is not None and abs(est.ci_low - low * (1 + d)) < 1e-9 * max(1.0, est.ci_low), (est.ci_low, low)
 
 
+def bootstrap_speed(walls: dict[str, list[list[float]]], resamples: int = 10_000) -> None:
+    """The compare stage's vectorised bootstrap against the textbook loop, on these rounds."""
+    import random
+    b, p = walls["baseline"], walls["patched"]
+    t = time.perf_counter()
+    stats.bootstrap_ratios(b, p, resamples, seed=1)
+    fast = time.perf_counter() - t
+    rnd = random.Random(1)
+    t = time.perf_counter()
+    for _ in range(resamples):
+        idx = [rnd.randrange(len(b)) for _ in b]
+        statistics.median(statistics.median(rnd.choice(p[i]) for _ in p[i]) /
+                          statistics.median(rnd.choice(b[i]) for _ in b[i]) for i in idx)
+    slow = time.perf_counter() - t
+    print(f"bootstrap, {resamples} resamples of {len(b)} rounds: {fast * 1000:.0f} ms vectorised, "
+          f"{slow * 1000:.0f} ms as a plain loop ({slow / fast:.0f}x)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", type=Path, help="a build cache directory with bzImage and meta.json "
@@ -176,6 +196,8 @@ def main() -> int:
     ap.add_argument("--spread-mb", type=int, default=0)
     ap.add_argument("--boot", choices=("kexec", "reset"), default="kexec",
                     help="kexec each boot as the workloads stage does, or power cycle into the known-good kernel")
+    ap.add_argument("--order", choices=("random", "alternate"), default="random",
+                    help="each round's B/P order, as workloads.order")
     ap.add_argument("--draws", type=int, default=400, help="simulated experiments per N and d")
     ap.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples per simulated experiment")
     ap.add_argument("--save", type=Path, default=Path("/tmp/kpt-aa.json"))
@@ -190,10 +212,12 @@ def main() -> int:
         release = json.loads((art / "meta.json").read_text())["kernelrelease"]
         print(f"kernel {release} ({art})")
         spec = SmmBootSpec(reads=args.reads, spread_mb=args.spread_mb, timeout_s=180)
-        runs = measure(art / "bzImage", release, args.cache_dir, args.rounds, args.repetitions, spec, args.boot, args.save)
+        runs = measure(art / "bzImage", release, args.cache_dir, args.rounds, args.repetitions, spec, args.boot, args.save,
+                       args.order)
         print(f"rounds saved to {args.save}")
     walls = wall_times(runs)
     noise(walls)
+    bootstrap_speed(walls)
     ok = aa_check(runs, cfg)
     rng = np.random.default_rng(cfg.seed)
     print(f"smallest slowdown of SMM-boot wall_time detected in 95% of {args.draws} simulated experiments "

@@ -558,7 +558,7 @@ def _ratio_ci(first: list[float], second: list[float]) -> str:
     """first/second as the compare stage states it: ratio of medians [95% CI]."""
     n = min(len(first), len(second))
     est = compare_stats([[v] for v in second[:n]], [[v] for v in first[:n]],
-                        direction="lower", time=True, threshold=0.05, resamples=10000, seed=1)
+                        direction="lower", time=True, threshold=0.05, resamples=10000, seed=1, paired=False)
     ci = (f"[{est.ci_low:.2f}, {est.ci_high:.2f}]" if est.ci_low is not None and est.ci_high is not None
           else f"no interval ({est.why})")
     return (f"{est.ratio:.2f}x {ci}" if est.ratio is not None else "n/a") + f" (n={n})"

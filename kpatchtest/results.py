@@ -15,6 +15,9 @@ docs/results-schema.md):
   7 - what a KCIDB report (report/kcidb.py) needs: run_id (made once per run directory,
       kept by a resumed run), spec_sha256, log_url_base; series.msgid, patches[].sha256;
       branches[].source (git repository or tarball, as a URL); build arch.
+  8 - compare.metrics[].ratio is the paired estimate (the median over rounds of each
+      round's patched/baseline ratio of medians; before 8, the ratio of the pooled medians),
+      its CI bootstrapped the same way; compare.order's default is random.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ from kpatchtest.compare.model import BranchComparison
 from kpatchtest.util import StrictModel
 from kpatchtest.workloads.record import WorkloadRecord
 
-SCHEMA_VERSION = 7
-# Later versions only added fields (and 5 narrowed applied-3way): older files read as runs without them.
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
+SCHEMA_VERSION = 8
+# Later versions only added fields (5 narrowed applied-3way, 8 changed how a ratio is
+# estimated): older files read as runs without them, with the numbers they were written with.
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 
 PatchStatus = Literal["applied", "applied-3way", "already-present", "conflict", "skipped"]
 ApplyMethod = Literal["offset", "3way", "fuzz", "rename"]

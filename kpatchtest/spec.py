@@ -214,15 +214,16 @@ class SmmBootSpec(StrictModel):
 class WorkloadsSpec(StrictModel):
     """What runs on each booted kernel, before the host goes back to its known-good kernel.
 
-    `rounds` boots each build that many times, baseline and patched alternating
-    (B1 P1 B2 P2 ...), so drift in the lab hits both sides alike; `repetitions` runs
-    each workload that many times per boot."""
+    `rounds` boots each build that many times, baseline and patched in pairs (B1 P1 P2 B2
+    ...), so drift in the lab hits both sides alike; `repetitions` runs each workload that
+    many times per boot."""
 
     rounds: int = Field(default=1, ge=1, le=50)
     repetitions: int = Field(default=3, ge=1, le=1000)
-    # alternate: B then P in every round; random: each round's order drawn from a generator
-    # seeded with `seed` (a fixed order can alias with drift in the lab)
-    order: Literal["alternate", "random"] = "alternate"
+    # random: half the rounds B first, half P first, shuffled by a generator seeded with
+    # `seed` (a fixed order lets an effect of the slot or drift fall on one kernel);
+    # alternate: B then P in every round
+    order: Literal["alternate", "random"] = "random"
     seed: int = 1
     kvm_unit_tests: KutSpec | None = None
     smm_boot: SmmBootSpec | None = None

@@ -165,4 +165,4 @@ def test_the_readme_spec_example_is_a_spec(tmp_path):
     block = re.search(r"## The series spec\n\n```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     spec = parse_spec(block.group(1), tmp_path / "s.yaml").spec
     assert spec.compare.threshold == 0.02 and spec.gates.regressions == "none"
-    assert set(spec.gates.metrics) == {"wall_time", "root_allocs"} and spec.workloads.order == "alternate"
+    assert set(spec.gates.metrics) == {"wall_time", "root_allocs"} and spec.workloads.order == "random"

@@ -244,11 +244,8 @@ def test_second_import_is_a_cache_hit(repo, kernel_tar, monkeypatch):
     first = import_tarball(repo, kernel_tar)
     monkeypatch.setattr(tb, "_Decompressed", _NoRead)
     monkeypatch.setattr(tb, "_sha256", lambda p: pytest.fail("the tarball was hashed again"))
-    t0 = time.perf_counter()
-    again = import_tarball(repo, kernel_tar)
-    elapsed = time.perf_counter() - t0
+    again = import_tarball(repo, kernel_tar)     # neither decompressed nor hashed again (above)
     assert again == first
-    assert elapsed < 0.1, f"cached import took {elapsed:.3f} s"
 
 
 def test_touched_tarball_is_hashed_not_reimported(repo, kernel_tar, monkeypatch):
@@ -439,9 +436,7 @@ def test_debian_trees(debian_trees, monkeypatch):
     monkeypatch.setattr(tb, "_Decompressed", _NoRead)
     monkeypatch.setattr(tb, "_sha256", lambda p: pytest.fail("hashed again"))
     for key, t in trees.items():
-        t0 = time.perf_counter()
         assert import_tarball(git, t.tarball) == t
-        assert time.perf_counter() - t0 < 0.1
 
 
 def _demo_patches(tmp_path: Path) -> tuple[str, list[Path]]:
@@ -456,7 +451,7 @@ def _demo_patches(tmp_path: Path) -> tuple[str, list[Path]]:
         patch = tmp_path / f"{i}.patch"
         info = subprocess.run(["git", "mailinfo", str(tmp_path / f"{i}.msg"), str(patch)],
                               stdin=open(mail, "rb"), capture_output=True, text=True, check=True).stdout
-        assert f"Subject: KVM: x86/mmu:" in info
+        assert "Subject: KVM: x86/mmu:" in info
         patches.append(patch)
     return mails[0].read_text(), patches
 

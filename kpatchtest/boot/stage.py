@@ -1,9 +1,9 @@
 """The boot stage: every built kernel booted `rounds` times on every lab host, with the
 spec's workloads run on each boot; one unit per BootJob.
 
-Baseline and patched alternate per branch (B1 P1 B2 P2 ...), or each pair's order is
-drawn from a seeded RNG (`workloads.order: random`), so drift in the lab hits both
-sides alike. The compare stage may ask for confirmation boots (reruns) of both kernels. Jobs on one host run in order; hosts run concurrently. The stage does not
+Baseline and patched boot in pairs per branch, half the pairs baseline first, shuffled by
+a seeded RNG (`workloads.order: random`, the default; `alternate`: B1 P1 B2 P2 ...), so
+drift in the lab hits both sides alike. The compare stage may ask for confirmation boots (reruns) of both kernels. Jobs on one host run in order; hosts run concurrently. The stage does not
 know which lab it talks to: a Lab backend (lab/backend.py) runs each job.
 """
 
@@ -110,18 +110,26 @@ class BootStage(Stage[BootJob, BootRecord]):
             return f"{job.branch} {job.build} rerun {job.rerun} ({', '.join(job.only)})"
         return f"{job.branch} {job.build}" + (f" round {job.round}" if self.rounds > 1 else "")
 
+    def slot(self, job: BootJob) -> int:
+        """0: the job boots first in its round's pair, 1: second (reruns: baseline first)."""
+        pair = self.orders[job.round - 1] if not job.rerun and job.round <= len(self.orders) else ("baseline", "patched")
+        return pair.index(job.build)
+
     def key(self, job: BootJob) -> str:
-        """The kernel's bytes (by its content-addressed artifact), the host, the round, and every
-        setting of the lab and the workloads: change any and the boot runs again."""
+        """The kernel's bytes (by its content-addressed artifact), the host, the round and its
+        slot in the pair, and every setting of the lab and of what runs on the boot: change
+        any and the boot runs again. Not the design of the whole run (rounds, order, seed):
+        more rounds keep the boots already made whose slot stays the same."""
         spec = self.ctx.spec
-        return input_key(__version__, job.branch, job.build, job.round, job.rerun, *job.only,
+        return input_key(__version__, job.branch, job.build, job.round, self.slot(job), job.rerun, *job.only,
                          # the host as a lab box: not how this run reaches it (the local lab's
                          # port, console and power commands are new with every VM)
                          job.host.model_dump_json(include={"name", "address", "user", "boot", "boot_command",
                                                            "cmdline", "initrd", "tags"}),
                          Path(job.kernel.bzimage).resolve(), job.kernel.kernelrelease, job.kernel.extra_cmdline,
                          spec.lab.model_dump_json(),
-                         json.dumps(spec.workloads.model_dump(mode="json"), sort_keys=True)
+                         json.dumps(spec.workloads.model_dump(mode="json", exclude={"rounds", "order", "seed"}),
+                                    sort_keys=True)
                          if self.workloads is not None and spec.workloads is not None else "")
 
     def run(self, job: BootJob) -> BootRecord:

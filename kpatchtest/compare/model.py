@@ -61,9 +61,10 @@ class TestComparison(StrictModel):
 
 
 class Estimate(StrictModel):
-    """The numbers of one metric's comparison (compare.stats.compare): ratio =
-    median(patched) / median(baseline), medians over every repetition of every round;
-    ci_low/ci_high: its 95% percentile interval from the hierarchical bootstrap; p_value:
+    """The numbers of one metric's comparison (compare.stats.compare): baseline_median and
+    patched_median over every repetition of every round; ratio: the paired estimate, the
+    median over rounds of each round's median(patched)/median(baseline); ci_low/ci_high:
+    its 95% percentile interval from the hierarchical bootstrap; p_value:
     paired Wilcoxon signed-rank over the per-round medians. Numbers are None when not
     computed (n/a, not enough data, a zero baseline)."""
 
@@ -114,7 +115,7 @@ class BranchComparison(StrictModel):
     bootstrap: int = 10000                  # resamples
     threshold: float = 0.02
     reruns: int = 2                         # compare.reruns the classification asked for
-    order: Literal["alternate", "random"] = "alternate"     # how rounds' B/P order was chosen
+    order: Literal["alternate", "random"] = "random"     # how rounds' B/P order was chosen
 
     def regressions(self) -> list[TestComparison]:
         return [t for t in self.tests if t.verdict == "regression"]

@@ -88,7 +88,7 @@ def compare_branch(branch: BranchResult, spec: Spec) -> BranchComparison:
         tests=classify(branch, cfg.reruns), metrics=metrics, splats_new=new_splats(branch),
         method=stats.METHOD.format(n=cfg.bootstrap) + f"; rounds paired by number; a change only when the CI lies wholly beyond ±{cfg.threshold * 100:g}%",
         seed=cfg.seed, bootstrap=cfg.bootstrap, threshold=cfg.threshold, reruns=cfg.reruns,
-        order=spec.workloads.order if spec.workloads else "alternate")
+        order=spec.workloads.order if spec.workloads else "random")
 
 
 def compare_run(result: RunResult, spec: Spec) -> None:
@@ -113,12 +113,17 @@ def needs_reruns(branch: BranchResult, spec: Spec) -> list[RerunNeed]:
 
 
 def round_orders(workloads: WorkloadsSpec) -> list[tuple[Build, Build]]:
-    """Which kernel boots first in each round: B then P (alternate), or each pair's order drawn
-    from a generator seeded with workloads.seed (random), so the same spec boots the same way.
-    The boot stage records what it did by the order of its BootResults."""
+    """Which kernel boots first in each round: B then P (alternate), or a seeded shuffle of
+    as many B-first as P-first rounds (random; an odd count's last one by a coin), so the same
+    spec boots the same way and an effect of the slot (the second boot of a pair ran 6% slower
+    in an A/A here) falls on both kernels alike instead of on patched. The boot stage records
+    what it did by the order of its BootResults."""
     if workloads.order == "alternate":
         return [("baseline", "patched")] * workloads.rounds
-    flips = np.random.default_rng(workloads.seed).integers(0, 2, size=workloads.rounds)
+    rng = np.random.default_rng(workloads.seed)
+    half = workloads.rounds // 2
+    flips = [0] * half + [1] * half + ([int(rng.integers(0, 2))] if workloads.rounds % 2 else [])
+    rng.shuffle(flips)
     return [("patched", "baseline") if f else ("baseline", "patched") for f in flips]
 
 

@@ -22,6 +22,13 @@ LORE = "https://lore.kernel.org/r/"
 
 # -- numbers -----------------------------------------------------------------------------
 
+def ratio_definition(result: RunResult) -> str:
+    """What a recorded ratio is: paired from schema 8 on, of the pooled medians before."""
+    if result.schema_version >= 8:
+        return "ratio = the median over rounds of each round's patched/baseline ratio of medians"
+    return "ratio = patched/baseline of the medians"
+
+
 def _num(v: float | None, unit: str = "") -> str:
     return "n/a" if v is None else fmt_value(v) + (f" {unit}" if unit else "")
 
@@ -233,7 +240,7 @@ def what_changed(result: RunResult) -> list[str]:
     """The "What changed" section (plain lines); [] when no branch was compared."""
     if not any(b.compare for b in result.branches):
         return []
-    out = ["What changed (patched against baseline; ratio = patched/baseline of the medians,",
+    out = [f"What changed (patched against baseline; {ratio_definition(result)},",
            "95% bootstrap CI in brackets, p from a paired Wilcoxon signed-rank test over rounds):", ""]
     for b in result.branches:
         out += branch_changes(result, b)

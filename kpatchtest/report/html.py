@@ -32,6 +32,7 @@ from kpatchtest.report.compare_cells import (
     lore_url,
     metric_gates,
     p_text,
+    ratio_definition,
     ratio_text,
     what_changed,
 )
@@ -187,8 +188,8 @@ def _comparisons(result: RunResult) -> list[str]:
             if m.ratio is not None]
     if rows:
         threshold = compared[0].compare.threshold
-        h.append(f"<figure>{plots.forest(rows, threshold)}<figcaption>Ratio patched/baseline of the medians with "
-                 f"its 95% bootstrap CI; shaded: within +-{threshold * 100:g}%, no verdict there.</figcaption></figure>")
+        h.append(f"<figure>{plots.forest(rows, threshold)}<figcaption>{escape(ratio_definition(result).capitalize())}, "
+                 f"with its 95% bootstrap CI; shaded: within +-{threshold * 100:g}%, no verdict there.</figcaption></figure>")
     for b in compared:
         gates = metric_gates(result, b)
         h.append(f"<h3>{escape(b.name)}: metrics</h3><table><tr><th>workload</th><th>metric</th><th>host</th>"
