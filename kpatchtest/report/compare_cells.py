@@ -25,7 +25,7 @@ LORE = "https://lore.kernel.org/r/"
 def ratio_definition(result: RunResult) -> str:
     """What a recorded ratio is: paired from schema 8 on, of the pooled medians before."""
     if result.schema_version >= 8:
-        return "ratio = the median over rounds of each round's patched/baseline ratio of medians"
+        return "ratio = median over rounds of each round's patched/baseline ratio of medians"
     return "ratio = patched/baseline of the medians"
 
 
@@ -240,8 +240,8 @@ def what_changed(result: RunResult) -> list[str]:
     """The "What changed" section (plain lines); [] when no branch was compared."""
     if not any(b.compare for b in result.branches):
         return []
-    out = [f"What changed (patched against baseline; {ratio_definition(result)},",
-           "95% bootstrap CI in brackets, p from a paired Wilcoxon signed-rank test over rounds):", ""]
+    out = ["What changed (patched against baseline; 95% bootstrap CI in brackets, p from a",
+           "paired Wilcoxon signed-rank test over rounds;", f"{ratio_definition(result)}):", ""]
     for b in result.branches:
         out += branch_changes(result, b)
     method = next((b.compare.method for b in result.branches if b.compare and b.compare.method), "")
