@@ -3,8 +3,9 @@ spec's workloads run on each boot; one unit per BootJob.
 
 Baseline and patched boot in pairs per branch, half the pairs baseline first, shuffled by
 a seeded RNG (`workloads.order: random`, the default; `alternate`: B1 P1 B2 P2 ...), so
-drift in the lab hits both sides alike. The compare stage may ask for confirmation boots (reruns) of both kernels. Jobs on one host run in order; hosts run concurrently. The stage does not
-know which lab it talks to: a Lab backend (lab/backend.py) runs each job.
+drift in the lab hits both sides alike. The compare stage may ask for confirmation boots
+(reruns) of both kernels. Jobs on one host run in order; hosts run concurrently. The stage
+does not know which lab it talks to: a Lab backend (lab/backend.py) runs each job.
 """
 
 from __future__ import annotations
