@@ -7,9 +7,10 @@ the bootstrap resamples rounds (boots), then repetitions within each resampled r
 Rounds are paired (baseline and patched of round k ran next to each other), so the
 estimate is the median over rounds of each round's ratio median(patched)/median(baseline),
 and one draw of round indices serves both kernels: drift common to a pair cancels. On
-this lab that is what makes a 10% slowdown detectable in 10 rounds (benchmarks/
-compare_power.py: 9.4% against 31% for the ratio of pooled medians, which lets the
-boot-to-boot spread of both kernels into the interval). The p-value is a paired Wilcoxon
+one quiet 10 x 5 A/A of the local lab (alternate order) that made the smallest slowdown
+detected in 95% of 10-round draws 9.4% instead of 31% for the ratio of pooled medians,
+which lets the boot-to-boot spread of both kernels into the interval; a loaded lab needs
+more (benchmarks/compare_power.py measures it). The p-value is a paired Wilcoxon
 signed-rank test over the per-round medians. The generator is seeded, so the same values
 always give the same interval.
 """
