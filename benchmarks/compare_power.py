@@ -5,8 +5,9 @@
                                                  [--artifact DIR] [--from-json aa.json]
 
 An A/A run: each round boots the same (baseline) kernel twice, as "baseline" and as
-"patched" in the order the workloads stage would (--order, default random), each boot running the SMM boot `repetitions` times, exactly as the workloads stage does
-(kexec from the known-good kernel, the power cycle back). Then:
+"patched" in the order the workloads stage would (--order, default random), each boot
+running the SMM boot `repetitions` times, exactly as the workloads stage does (kexec from
+the known-good kernel, the power cycle back). Then:
 
 - A/A: the compare stage's own comparison (compare.stage.compare_branch, the default
   compare: settings) over every metric must say "no significant change" (or n/a for the

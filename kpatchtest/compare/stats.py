@@ -59,6 +59,8 @@ def _resample(data: np.ndarray, n: np.ndarray, idx: np.ndarray, rng: np.random.G
 
 def _median(vals: np.ndarray, count: np.ndarray) -> np.ndarray:
     """Median along the last axis of the first `count` non-NaN values (np.nanmedian loops)."""
+    if (count == vals.shape[-1]).all():                             # no short round: no NaN
+        return np.median(vals, axis=-1)
     ordered = np.sort(vals, axis=-1)                                # NaN sorts last
     lo = np.take_along_axis(ordered, ((count - 1) // 2)[..., None], axis=-1)[..., 0]
     hi = np.take_along_axis(ordered, (count // 2)[..., None], axis=-1)[..., 0]
@@ -150,7 +152,7 @@ def compare(baseline: list[list[float]], patched: list[list[float]], *, directio
         np.asarray(bmed), np.asarray(pmed))))
     if est.rounds < MIN_ROUNDS:
         est.verdict = "not enough data"
-        est.why = f"{len(baseline)} paired round(s), at least {MIN_ROUNDS} needed for an interval"
+        est.why = f"{est.rounds} paired round(s), at least {MIN_ROUNDS} needed for an interval"
         return est
     ratios = bootstrap_ratios(baseline, patched, resamples, seed, paired)
     alpha = (1 - CI_LEVEL) / 2
